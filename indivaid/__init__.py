@@ -1,0 +1,1 @@
+"""IndivAID: individual animal re-identification with CLIP."""

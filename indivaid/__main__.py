@@ -1,0 +1,34 @@
+"""``python -m indivaid COMMAND``: the library's command-line entry point."""
+
+from __future__ import annotations
+
+import sys
+
+from indivaid.logs import setup_logging
+
+COMMANDS = {"demo": "indivaid.demo"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        from indivaid.registry import did_you_mean
+
+        hint = did_you_mean(argv[0], list(COMMANDS)) if argv and argv[0] not in ("-h", "--help") else ""
+        print(f"usage: python -m indivaid {{{','.join(COMMANDS)}}} [options]{hint}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    setup_logging()
+    import importlib
+
+    from indivaid.data.catalogue import DataError
+
+    try:
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
