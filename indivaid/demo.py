@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import polars as pl
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -64,12 +65,15 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict[
     ap = argparse.ArgumentParser(prog="python -m indivaid demo", description=__doc__)
     ap.add_argument("--data-root", help="default: $INDIVAID_DATA or ./data")
     ap.add_argument("--seed", type=int, default=0, help="split seed")
+    ap.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="synthetic generator option, e.g. -o identities=60")
     args = ap.parse_args(argv)
     console = console or Console()
     root = data_root(args.data_root)
     cache_root = Path(os.environ.get("INDIVAID_CACHE", root / "cache"))
     console.rule("[bold]IndivAID demo: synthetic animals")
-    cat = validate_catalogue(open_dataset("synthetic", data_root=root))
+    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    cat = validate_catalogue(open_dataset("synthetic", data_root=root, **options))
     console.print(f"dataset: {cat.root} ({len(cat)} images, {cat.num_identities} identities, species '{cat.species}')")
     split = build_split(cat, SplitConfig(seed=args.seed))
     path = write_split(split, cat.root / f"split-seed{args.seed}.csv")

@@ -69,7 +69,7 @@ def load_image(path: str, bbox: Sequence[float | None], spec: ImageSpec) -> np.n
             arr = np.full((spec.height, spec.width, 3), LETTERBOX_FILL, np.uint8)
             top, left = (spec.height - h) // 2, (spec.width - w) // 2
             arr[top : top + h, left : left + w] = small
-    return arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 class ImageCache:

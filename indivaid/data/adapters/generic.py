@@ -48,6 +48,7 @@ class FolderAdapter(DatasetAdapter):
 def _parse_bbox(value: object, where: str) -> tuple[float, float, float, float] | None:
     if value is None:
         return None
+    raw = value
     if isinstance(value, str):
         if not value.strip():
             return None
@@ -58,7 +59,7 @@ def _parse_bbox(value: object, where: str) -> tuple[float, float, float, float] 
     try:
         x, y, w, h = (float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise DataError(f"{where}: bbox {value!r} is not a list [x, y, width, height]") from None
+        raise DataError(f"{where}: bbox {raw!r} is not a list [x, y, width, height]") from None
     if w <= 0 or h <= 0:
         raise DataError(f"{where}: bbox {value!r} has a non-positive width or height")
     return x, y, w, h
