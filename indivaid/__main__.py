@@ -6,7 +6,8 @@ import sys
 
 from indivaid.logs import setup_logging
 
-COMMANDS = {"demo": "indivaid.demo"}
+COMMANDS = {"demo": "indivaid.demo", "train": "indivaid.cli", "evaluate": "indivaid.cli", "embed": "indivaid.cli",
+            "match": "indivaid.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     import importlib
 
+    from indivaid.config import ConfigError
     from indivaid.data.catalogue import DataError
+    from indivaid.models.backbone import WeightsError
 
+    module = importlib.import_module(COMMANDS[argv[0]])
+    entry = module.COMMANDS[argv[0]] if hasattr(module, "COMMANDS") else module.main
     try:
-        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-    except DataError as e:
+        entry(argv[1:])
+    except (DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

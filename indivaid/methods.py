@@ -1,0 +1,26 @@
+"""The method registry: what each method trains and how identity descriptions are formed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from indivaid.models.fusion import FusionMode
+from indivaid.registry import Registry
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """``train`` False: the frozen CLIP image feature (zero-shot baseline, no stage 1 or 2)."""
+
+    meta_net: bool
+    fusion: FusionMode
+    train: bool = True
+    description: str = ""
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+METHODS.register("indivaid", MethodSpec(True, "attention", description="Meta-Net + attention fusion (IndivAID)"))
+METHODS.register("clipreid", MethodSpec(False, "none", description="per-identity prompts, no Meta-Net (CLIP-ReID)"))
+METHODS.register("zeroshot", MethodSpec(False, "none", train=False, description="frozen CLIP image features"))
+METHODS.register("indivaid-mean", MethodSpec(True, "mean", description="ablation: Meta-Net + mean fusion (public code)"))
+METHODS.register("indivaid-nofusion", MethodSpec(True, "none", description="ablation: Meta-Net in stage 1, identity text in stage 2"))

@@ -1,0 +1,566 @@
+"""``train(cfg, workdir=..., report=...)``: the two-stage IndivAID / CLIP-ReID trainer.
+
+Stage 1 trains the prompts (and Meta-Net) contrastively against frozen image features computed
+once and cached. Stage 2 caches every training image's description, fuses them per identity each
+step, and fine-tunes the image encoder with ID, triplet and image-to-text losses. The process can
+be killed at any instant: it resumes from the last checkpoint in ``workdir`` with the same result.
+Validation identities select models; the test split is touched only in the final summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from indivaid.config import to_dict
+from indivaid.data import build_split, open_dataset, read_split, validate_catalogue, write_split
+from indivaid.data.augment import AugmentConfig, normalize, train_transform
+from indivaid.data.imagecache import PREPROCESS_VERSION, ImageCache, ImageSpec, build_image_cache
+from indivaid.data.sampler import PKSampler
+from indivaid.data.split import Split
+from indivaid.eval.metrics import RankMetrics
+from indivaid.eval.retrieval import score_retrieval
+from indivaid.losses import batch_hard_triplet, cross_entropy_ls, similarity, supcon_two_way
+from indivaid.methods import METHODS, MethodSpec
+from indivaid.models.fusion import pad_descriptions
+from indivaid.models.head import inference_feature
+from indivaid.training import checkpoint as ckpt
+from indivaid.training.config import TrainConfig
+from indivaid.training.runtime import Runtime, resolve_runtime, seed_everything
+from indivaid.training.schedule import cosine_with_warmup, milestone_epochs, warmup_multistep
+from indivaid.training.system import ReIDSystem
+from indivaid.utils.io import atomic_write_text, data_root, sha256_file, stable_hash
+
+log = logging.getLogger(__name__)
+
+Report = Callable[..., None]
+#: Every report carries exactly these keys (NaN where a stage has no such value).
+REPORT_KEYS = ("stage", "epoch", "s2_epoch", "loss", "loss_i2t", "loss_t2i", "loss_id", "loss_triplet",
+               "loss_i2t_s2", "lr", "images_per_s", "val_mAP", "val_rank1", "val_rank5", "val_rank10", "val_mINP")
+NAN = float("nan")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible checkpoint); the message says where."""
+
+
+@dataclass
+class RunResult:
+    workdir: str
+    method: str
+    dataset: str
+    split_hash: str
+    seed: int
+    val: dict[str, float]
+    test: dict[str, float] | None
+    zeroshot_val: dict[str, float]
+    stage1_epochs: int
+    stage2_epochs: int
+    wall_s: float
+    images_per_s: float
+    checkpoint: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_split(cfg: TrainConfig, workdir: Path) -> Split:
+    """The run's split: from ``data.split_file`` or built from the dataset; copied into workdir."""
+    d = cfg.data
+    if d.split_file:
+        split = read_split(d.split_file)
+    else:
+        cat = open_dataset(d.dataset, d.path, d.data_root, **d.options)
+        cat = validate_catalogue(cat, decode=False, skip_bad=d.skip_bad)
+        split = build_split(cat, d.split)
+    write_split(split, workdir / "split.csv")
+    return split
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.data.cache_dir).expanduser().resolve() if cfg.data.cache_dir else data_root(cfg.data.data_root) / "cache"
+
+
+class ImageSource:
+    """uint8 batches on the training device; small sets live on the GPU whole (no host copies)."""
+
+    def __init__(self, cache: ImageCache, rows: np.ndarray, device: torch.device, device_budget_gb: float = 8.0) -> None:
+        self.cache, self.rows, self.device = cache, rows, device
+        nbytes = len(rows) * int(np.prod(cache.array.shape[1:]))
+        self.resident = cache[rows].to(device) if device.type == "cuda" and nbytes <= device_budget_gb * 2**30 else None
+
+    def __call__(self, idx: np.ndarray) -> Tensor:
+        if self.resident is not None:
+            return self.resident[torch.from_numpy(idx).to(self.device)]
+        batch = self.cache[self.rows[idx]]
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+
+def weights_id(cfg: TrainConfig) -> str:
+    """What the frozen image weights are: an open_clip tag, a file hash, or the random-init seed."""
+    pre = cfg.model.pretrained
+    if pre is None:
+        return f"random-seed{cfg.runtime.seed}"
+    path = Path(pre).expanduser()
+    return f"file-{sha256_file(path)[:16]}" if path.is_file() else f"tag-{pre}"
+
+
+@torch.no_grad()
+def image_features(system: ReIDSystem, source: Callable[[np.ndarray], Tensor], n: int, rt: Runtime, batch: int,
+                   cameras: Tensor | None = None, *, feature: str = "inference", after_bn: bool = False,
+                   part_norm: bool = False) -> Tensor:
+    """Features of ``n`` images in eval mode: ``inference`` (concat f12, fproj) or ``fproj``."""
+    was_training = system.training
+    system.eval()
+    out = []
+    aug = AugmentConfig()
+    for s in range(0, n, batch):
+        idx = np.arange(s, min(n, s + batch))
+        x = normalize(source(idx), aug)
+        cams = cameras[idx].to(rt.device) if cameras is not None else None
+        with rt.autocast():
+            f = system.image(x, cams)
+        out.append(f.fproj.float() if feature == "fproj" else inference_feature(f, system.head, after_bn=after_bn, part_norm=part_norm))
+    system.train(was_training)
+    return torch.cat(out)
+
+
+def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, images: ImageCache, rt: Runtime) -> dict[str, Tensor]:
+    """Frozen-encoder features of every image of the split (computed once per key, then loaded)."""
+    m = cfg.model
+    key = stable_hash({"split": split.hash, "backbone": m.backbone, "weights": weights_id(cfg), "size": list(m.input_size),
+                       "stride": m.stride, "sie": m.sie, "dtype": str(rt.amp_dtype), "resize": cfg.data.resize,
+                       "preprocess": PREPROCESS_VERSION, "quick_gelu": m.quick_gelu})
+    path = cache_root(cfg) / f"features-{key}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    rows = images.rows(split.table["image_id"].to_list())
+    src = ImageSource(images, rows, rt.device, 0)
+    system.eval()
+    f12, fproj = [], []
+    with torch.no_grad():
+        for s in range(0, len(rows), cfg.eval.batch_size):
+            idx = np.arange(s, min(len(rows), s + cfg.eval.batch_size))
+            with rt.autocast():
+                f = system.image(normalize(src(idx), AugmentConfig()))
+            f12.append(f.f12.float().cpu())
+            fproj.append(f.fproj.float().cpu())
+    feats = {"f12": torch.cat(f12), "fproj": torch.cat(fproj), "image_ids": split.table["image_id"].to_list()}
+    if rt.is_main:
+        ckpt.save(feats, path)
+    log.info("cached frozen image features of %d images: %s", len(rows), path.name)
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def score_features(feats: Tensor, split: Split, stage: str, row_index: dict[str, int], cfg: TrainConfig) -> RankMetrics:
+    q, g = split.query_gallery(stage)  # type: ignore[arg-type]
+    qi = torch.tensor([row_index[i] for i in q["image_id"].to_list()])
+    gi = torch.tensor([row_index[i] for i in g["image_id"].to_list()])
+    return score_retrieval(feats[qi.to(feats.device)], feats[gi.to(feats.device)], q, g, protocol=split.protocol,
+                           camera_codes=split.camera_codes(), metric=cfg.eval.metric, normalize=True)
+
+
+def as_val(m: RankMetrics) -> dict[str, float]:
+    return {"val_mAP": m.mAP, "val_rank1": m.cmc[1], "val_rank5": m.cmc[5], "val_rank10": m.cmc[10], "val_mINP": m.mINP}
+
+
+def plain(m: RankMetrics) -> dict[str, float]:
+    return {k: float(v) for k, v in m.as_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """State shared by the stages of one training run."""
+
+    def __init__(self, cfg: TrainConfig, workdir: Path, report: Report | None) -> None:
+        self.cfg, self.workdir, self.user_report = cfg, workdir, report
+        self.method: MethodSpec = METHODS.get(cfg.method)
+        self.rt = resolve_runtime(cfg.runtime)
+        seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.split = prepare_split(cfg, workdir)
+        self.images = build_image_cache(self.split, ImageSpec(*cfg.model.input_size, cfg.data.resize), cache_root(cfg),
+                                        workers=cfg.data.workers)
+        self.cam_codes = self.split.camera_codes()
+        train = self.split.part("train")
+        self.identities = self.split.train_identities()
+        id_code = {s: i for i, s in enumerate(self.identities)}
+        self.train_labels = torch.tensor([id_code[s] for s in train["identity"].to_list()])
+        self.train_rows = self.images.rows(train["image_id"].to_list())
+        # Cameras unseen in training map to the zero SIE row (index = number of training cameras).
+        train_cams = sorted(set(train["camera"].to_list()))
+        self.sie_codes = {c: i for i, c in enumerate(train_cams)}
+        self.system = ReIDSystem(cfg, self.method, len(self.identities), len(train_cams), self.split.species,
+                                 str(cache_root(cfg) / "weights")).to(self.rt.device)
+        self.row_index = {im: i for i, im in enumerate(self.split.table["image_id"].to_list())}
+        self.all_rows = self.images.rows(self.split.table["image_id"].to_list())
+        self.all_sie = self._sie_codes(self.split.table)
+        self.history: list[dict[str, float]] = []
+        self.last_val: dict[str, float] = {}
+        self.images_per_s = NAN
+
+    def _sie_codes(self, rows: pl.DataFrame) -> Tensor | None:
+        if not self.cfg.model.sie:
+            return None
+        unseen = len(self.sie_codes)
+        return torch.tensor([self.sie_codes.get(c, unseen) for c in rows["camera"].to_list()])
+
+    # -- reporting / checkpoints -------------------------------------------------------------
+
+    def report(self, values: dict[str, float], checkpoint_path: str | None = None) -> None:
+        row = {k: float(values.get(k, NAN)) for k in REPORT_KEYS}
+        self.history.append(row)
+        if self.user_report is not None:
+            self.user_report(row, checkpoint=checkpoint_path)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.workdir / "checkpoint.pt"
+
+    def config_hash(self) -> str:
+        return stable_hash(to_dict(self.cfg))
+
+    def save_train_state(self, stage: int, epoch: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> str | None:
+        if not self.rt.is_main:
+            return None
+        state = {"format": ckpt.TRAIN_FORMAT, "config_hash": self.config_hash(), "split_hash": self.split.hash,
+                 "stage": stage, "epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()},
+                 "optimizer": opt.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
+                 "last_val": self.last_val}
+        ckpt.save(state, self.ckpt_path)
+        return str(self.ckpt_path)
+
+    def load_train_state(self) -> dict[str, Any] | None:
+        if not self.ckpt_path.is_file():
+            return None
+        state = ckpt.load(self.ckpt_path, ckpt.TRAIN_FORMAT)
+        if state["config_hash"] != self.config_hash() or state["split_hash"] != self.split.hash:
+            raise TrainingError(f"{self.ckpt_path} was written by a different config or split; "
+                                "use a fresh workdir (or delete the checkpoint to start over)")
+        self.history = list(state["history"])
+        self.last_val = dict(state["last_val"])
+        log.info("resuming from %s (stage %d, epoch %d)", self.ckpt_path, state["stage"], state["epoch"])
+        return state
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, stage: str) -> RankMetrics:
+        """Score the current image encoder on the validation or test split (main rank computes)."""
+        q, g = self.split.query_gallery(stage)  # type: ignore[arg-type]
+        need = pl.concat([q, g]).unique("image_id", maintain_order=True)
+        src = ImageSource(self.images, self.images.rows(need["image_id"].to_list()), self.rt.device, 0)
+        ev = self.cfg.eval
+        feats = image_features(self.system, src, need.height, self.rt, ev.batch_size, self._sie_codes(need),
+                               after_bn=ev.after_bn, part_norm=ev.part_norm)
+        index = {im: i for i, im in enumerate(need["image_id"].to_list())}
+        return score_features(feats, self.split, stage, index, self.cfg)
+
+    def broadcast(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.rt.distributed:
+            return values
+        box = [values]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def check_finite(terms: dict[str, Tensor], stage: int, epoch: int) -> None:
+    for name, v in terms.items():
+        if not torch.isfinite(v).all():
+            raise TrainingError(f"stage {stage}, epoch {epoch + 1}: loss term {name} is {v.item()} "
+                                "(lower the learning rate, or use similarity: cosine for random-init models)")
+
+
+def _wrap(module: nn.Module, rt: Runtime) -> nn.Module:
+    if not rt.distributed:
+        return module
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1
+# ---------------------------------------------------------------------------------------------
+
+
+def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: dict | None) -> int:
+    cfg, rt, system = run.cfg.stage1, run.rt, run.system
+    prompt = system.prompt
+    assert prompt is not None
+    index = torch.tensor([run.row_index[i] for i in run.split.part("train")["image_id"].to_list()])
+    v = feats["fproj"][index].to(rt.device)
+    labels = run.train_labels.to(rt.device)
+    sampler = PKSampler(run.train_labels.numpy(), cfg.batch_p, cfg.batch_k, seed=run.cfg.runtime.seed,
+                        rank=rt.rank, world_size=rt.world_size)
+    steps = max(1, len(sampler))
+    epochs = cfg.epochs if cfg.min_steps == 0 else max(cfg.epochs, math.ceil(cfg.min_steps / steps))
+    params = [p for p in prompt.parameters() if p.requires_grad] + ([system.logit_scale] if system.logit_scale.requires_grad else [])
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state is not None and state["stage"] == 1:
+        prompt.load_state_dict(state["modules"]["prompt"])
+        system.logit_scale.data.copy_(state["modules"]["scale"]["logit_scale"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+    model = _wrap(prompt, rt)
+    for epoch in range(start, epochs):
+        lr = cosine_with_warmup(epoch, epochs, cfg.warmup_epochs, cfg.lr, cfg.lr_min)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        sums = {"loss_i2t": 0.0, "loss_t2i": 0.0}
+        t0, n = time.perf_counter(), 0
+        for batch in sampler:
+            idx = torch.from_numpy(batch).to(rt.device)
+            y, vx = labels[idx], v[idx]
+            with rt.autocast():
+                if prompt.meta_net is not None:
+                    emb, eot = model(y, vx)
+                    t = system.text(emb, eot)
+                else:  # identity text does not depend on the image: encode each identity once
+                    uniq, inv = torch.unique(y, return_inverse=True)
+                    emb, eot = model(uniq)
+                    t = system.text(emb, eot)[inv]
+            i2t, t2i = supcon_two_way(vx, t, y, cosine=system.cosine, scale=system.scale)
+            check_finite({"i2t": i2t, "t2i": t2i}, 1, epoch)
+            opt.zero_grad(set_to_none=True)
+            (i2t + t2i).backward()
+            opt.step()
+            sums["loss_i2t"] += i2t.item()
+            sums["loss_t2i"] += t2i.item()
+            n += len(batch)
+        nb = max(1, len(sampler))
+        losses = {k: s / nb for k, s in sums.items()}
+        run.last_val = zs_val
+        done = epoch + 1
+        path = None
+        if done % run.cfg.checkpoint.every == 0 or done == epochs:
+            path = run.save_train_state(1, done, {"prompt": prompt, "scale": _ScaleHolder(system)}, opt)
+        run.report({"stage": 1, "epoch": done, "s2_epoch": 0, "loss": losses["loss_i2t"] + losses["loss_t2i"], **losses,
+                    "lr": lr, "images_per_s": n * rt.world_size / max(1e-9, time.perf_counter() - t0), **zs_val}, path)
+    return epochs
+
+
+class _ScaleHolder(nn.Module):
+    """Lets the (optionally learnable) logit scale travel in checkpoints like a module."""
+
+    def __init__(self, system: ReIDSystem) -> None:
+        super().__init__()
+        self.logit_scale = system.logit_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def description_cache(run: Run, feats: dict[str, Tensor]) -> tuple[Tensor, Tensor] | Tensor:
+    """After stage 1: per-image descriptions padded per identity (fusion) or identity texts (none)."""
+    system, rt = run.system, run.rt
+    system.eval()
+    num_ids = len(run.identities)
+    out = []
+    with rt.autocast():
+        if run.method.fusion == "none":
+            for s in range(0, num_ids, 256):
+                out.append(system.describe(torch.arange(s, min(num_ids, s + 256), device=rt.device), None, use_meta=False).float())
+            return torch.cat(out)
+        index = torch.tensor([run.row_index[i] for i in run.split.part("train")["image_id"].to_list()])
+        v = feats["fproj"][index].to(rt.device)
+        labels = run.train_labels.to(rt.device)
+        for s in range(0, len(labels), 256):
+            out.append(system.describe(labels[s : s + 256], v[s : s + 256]).float())
+    return pad_descriptions(torch.cat(out), labels, num_ids)
+
+
+def stage2_optimizer(run: Run) -> torch.optim.Optimizer:
+    cfg, system = run.cfg.stage2, run.system
+    groups = []
+    for module in (system.image, system.head):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                lr = cfg.lr * (cfg.bias_lr_factor if name.endswith("bias") else 1.0)
+                groups.append({"params": [p], "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay})
+    if system.fusion is not None:
+        lr = cfg.lr * run.cfg.fusion.lr_factor
+        groups.append({"params": list(system.fusion.parameters()), "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay})
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _Stage2Net(nn.Module):
+    """Image encoder + head (+ fusion) as one module, so DDP syncs all their gradients."""
+
+    def __init__(self, system: ReIDSystem) -> None:
+        super().__init__()
+        self.image, self.head, self.fusion = system.image, system.head, system.fusion
+
+    def forward(self, x: Tensor, cams: Tensor | None, desc: Tensor | tuple[Tensor, Tensor]):
+        f = self.image(x, cams)
+        h = self.head(f)
+        text = self.fusion(*desc) if self.fusion is not None else (desc if isinstance(desc, Tensor) else _mean(*desc))
+        return f, h, text
+
+
+def _mean(desc: Tensor, mask: Tensor) -> Tensor:
+    w = mask.unsqueeze(-1).float()
+    return (desc.float() * w).sum(1) / w.sum(1)
+
+
+def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
+    cfg, rt, system = run.cfg.stage2, run.rt, run.system
+    for p in system.prompt.parameters():
+        p.requires_grad_(False)
+    system.logit_scale.requires_grad_(False)
+    desc = description_cache(run, feats)
+    system.train()
+    opt = stage2_optimizer(run)
+    start = 0
+    if state is not None and state["stage"] == 2:
+        for name in ("image", "head", "fusion", "prompt"):
+            if getattr(system, name) is not None:
+                getattr(system, name).load_state_dict(state["modules"][name])
+        system.logit_scale.data.copy_(state["modules"]["scale"]["logit_scale"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        desc = description_cache(run, feats)  # the prompt weights were just restored
+        system.train()
+    net = _wrap(_Stage2Net(system), rt)
+    sampler = PKSampler(run.train_labels.numpy(), cfg.batch_p, cfg.batch_k, seed=run.cfg.runtime.seed + 1,
+                        rank=rt.rank, world_size=rt.world_size)
+    source = ImageSource(run.images, run.train_rows, rt.device)
+    labels = run.train_labels.to(rt.device)
+    sie = run._sie_codes(run.split.part("train"))
+    sie = sie.to(rt.device) if sie is not None else None
+    aug = AugmentConfig()
+    milestones = milestone_epochs(cfg.milestones, cfg.milestone_unit, cfg.epochs)
+    for epoch in range(start, cfg.epochs):
+        factor = warmup_multistep(epoch, cfg.warmup_epochs, cfg.warmup_factor, milestones, cfg.gamma)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        sampler.set_epoch(epoch)
+        gen = torch.Generator(device=rt.device).manual_seed(run.cfg.runtime.seed * 100_003 + epoch * 7919 + rt.rank)
+        sums = dict.fromkeys(("loss_id", "loss_triplet", "loss_i2t_s2"), 0.0)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        t0, n = time.perf_counter(), 0
+        for batch in sampler:
+            idx = torch.from_numpy(batch).to(rt.device)
+            y = labels[idx]
+            x = train_transform(source(batch), aug, gen)
+            cams = sie[idx] if sie is not None else None
+            with rt.autocast():
+                f, h, text = net(x, cams, desc)
+            l_id = cross_entropy_ls(h.logits768, y, cfg.label_smoothing) + cross_entropy_ls(h.logits512, y, cfg.label_smoothing)
+            l_tri = torch.stack([batch_hard_triplet(t, y, cfg.margin) for t in (f.f11, f.f12, f.fproj)]).sum()
+            l_i2t = cross_entropy_ls(similarity(f.fproj, text, cosine=system.cosine, scale=system.scale), y, cfg.label_smoothing)
+            check_finite({"id": l_id, "triplet": l_tri, "i2t": l_i2t}, 2, epoch)
+            loss = cfg.id_weight * l_id + cfg.triplet_weight * l_tri + cfg.i2t_weight * l_i2t
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums["loss_id"] += l_id.item()
+            sums["loss_triplet"] += l_tri.item()
+            sums["loss_i2t_s2"] += l_i2t.item()
+            n += len(batch)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        ips = n * rt.world_size / max(1e-9, time.perf_counter() - t0)
+        run.images_per_s = ips
+        nb = max(1, len(sampler))
+        losses = {k: s / nb for k, s in sums.items()}
+        done = epoch + 1
+        if done % run.cfg.eval.every == 0 or done == cfg.epochs:
+            val = as_val(run.evaluate("val")) if rt.is_main else {}
+            run.last_val = run.broadcast(val)
+        path = None
+        if done % run.cfg.checkpoint.every == 0 or done == cfg.epochs:
+            mods = {"image": system.image, "head": system.head, "prompt": system.prompt, "scale": _ScaleHolder(system)}
+            if system.fusion is not None:
+                mods["fusion"] = system.fusion
+            path = run.save_train_state(2, done, mods, opt)
+        loss = cfg.id_weight * losses["loss_id"] + cfg.triplet_weight * losses["loss_triplet"] + cfg.i2t_weight * losses["loss_i2t_s2"]
+        run.report({"stage": 2, "epoch": done, "s2_epoch": done, "loss": loss, **losses, "lr": cfg.lr * factor,
+                    "images_per_s": ips, **run.last_val}, path)
+    return cfg.epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def save_inference_checkpoint(run: Run) -> Path:
+    s = run.system
+    obj = {"format": ckpt.INFERENCE_FORMAT, "config": json.dumps(to_dict(run.cfg)), "identities": run.identities,
+           "cameras": list(run.sie_codes), "species": run.split.species, "split_hash": run.split.hash,
+           "quick_gelu": s.quick_gelu, "image": s.image.state_dict(),
+           "head": s.head.state_dict() if s.head is not None else {},
+           "feature": json.dumps({"after_bn": run.cfg.eval.after_bn, "part_norm": run.cfg.eval.part_norm,
+                                  "metric": run.cfg.eval.metric})}
+    path = run.workdir / "model.pt"
+    ckpt.save(obj, path)
+    return path
+
+
+def train(cfg: TrainConfig, *, workdir: str | Path, report: Report | None = None, evaluate_test: bool = True) -> RunResult:
+    """Train ``cfg.method`` on ``cfg.data`` in ``workdir`` (resuming if it holds a checkpoint)."""
+    t_start = time.perf_counter()
+    workdir = Path(workdir).resolve()
+    run = Run(cfg, workdir, report)
+    atomic_write_text(workdir / "config.json", json.dumps(to_dict(cfg), indent=2))
+    feats = frozen_feature_cache(run.system, cfg, run.split, run.images, run.rt)
+    zs = score_features(torch.cat([feats["f12"], feats["fproj"]], 1), run.split, "val", run.row_index, cfg)
+    zs_val = as_val(zs)
+    state = run.load_train_state()
+    s1 = s2 = 0
+    if run.method.train:
+        if state is None or state["stage"] == 1:
+            s1 = stage1(run, feats, zs_val, state)
+            state = None if state is None or state["stage"] == 1 else state
+        else:
+            s1 = sum(1 for h in run.history if h["stage"] == 1)
+        s2 = stage2(run, feats, state)
+        val = run.evaluate("val") if run.rt.is_main else None
+    else:
+        val = zs
+        if not run.history:
+            run.report({"stage": 0, "epoch": 0, "s2_epoch": 0, **zs_val})
+    test = None
+    if evaluate_test and run.rt.is_main:
+        if run.method.train:
+            test = plain(run.evaluate("test"))
+        else:
+            test = plain(score_features(torch.cat([feats["f12"], feats["fproj"]], 1), run.split, "test", run.row_index, cfg))
+    model_path = save_inference_checkpoint(run) if run.rt.is_main else workdir / "model.pt"
+    result = RunResult(str(workdir), cfg.method, run.split.dataset, run.split.hash, cfg.runtime.seed,
+                       plain(val) if val is not None else {}, test, {k: float(v) for k, v in zs_val.items()}, s1, s2,
+                       time.perf_counter() - t_start, run.images_per_s, str(model_path), run.history)
+    if run.rt.is_main:
+        atomic_write_text(workdir / "result.json", json.dumps(asdict(result), indent=2, default=float))
+    return result
