@@ -308,6 +308,19 @@ def _wrap(module: nn.Module, rt: Runtime) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
+def stage1_losses(system: ReIDSystem, prompt: nn.Module, y: Tensor, v: Tensor, rt: Runtime) -> tuple[Tensor, Tensor]:
+    """(L_i2t, L_t2i) of one P x K batch of cached image features ``v`` with labels ``y``."""
+    with rt.autocast():
+        if system.prompt.meta_net is not None:
+            emb, eot = prompt(y, v)
+            t = system.text(emb, eot)
+        else:  # identity text does not depend on the image: encode each identity once
+            uniq, inv = torch.unique(y, return_inverse=True)
+            emb, eot = prompt(uniq)
+            t = system.text(emb, eot)[inv]
+    return supcon_two_way(v, t, y, cosine=system.cosine, scale=system.scale)
+
+
 def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: dict | None) -> int:
     cfg, rt, system = run.cfg.stage1, run.rt, run.system
     prompt = system.prompt
@@ -338,15 +351,7 @@ def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: 
         for batch in sampler:
             idx = torch.from_numpy(batch).to(rt.device)
             y, vx = labels[idx], v[idx]
-            with rt.autocast():
-                if prompt.meta_net is not None:
-                    emb, eot = model(y, vx)
-                    t = system.text(emb, eot)
-                else:  # identity text does not depend on the image: encode each identity once
-                    uniq, inv = torch.unique(y, return_inverse=True)
-                    emb, eot = model(uniq)
-                    t = system.text(emb, eot)[inv]
-            i2t, t2i = supcon_two_way(vx, t, y, cosine=system.cosine, scale=system.scale)
+            i2t, t2i = stage1_losses(system, model, y, vx, rt)
             check_finite({"i2t": i2t, "t2i": t2i}, 1, epoch)
             opt.zero_grad(set_to_none=True)
             (i2t + t2i).backward()
@@ -432,6 +437,18 @@ def _mean(desc: Tensor, mask: Tensor) -> Tensor:
     return (desc.float() * w).sum(1) / w.sum(1)
 
 
+def stage2_losses(system: ReIDSystem, net: nn.Module, x: Tensor, y: Tensor, cams: Tensor | None,
+                  desc: Tensor | tuple[Tensor, Tensor], cfg, rt: Runtime) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Total stage-2 loss and its (ID, triplet, image-to-text) terms for one augmented batch."""
+    with rt.autocast():
+        f, h, text = net(x, cams, desc)
+    l_id = cross_entropy_ls(h.logits768, y, cfg.label_smoothing) + cross_entropy_ls(h.logits512, y, cfg.label_smoothing)
+    l_tri = torch.stack([batch_hard_triplet(t, y, cfg.margin) for t in (f.f11, f.f12, f.fproj)]).sum()
+    l_i2t = cross_entropy_ls(similarity(f.fproj, text, cosine=system.cosine, scale=system.scale), y, cfg.label_smoothing)
+    loss = cfg.id_weight * l_id + cfg.triplet_weight * l_tri + cfg.i2t_weight * l_i2t
+    return loss, (l_id, l_tri, l_i2t)
+
+
 def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
     cfg, rt, system = run.cfg.stage2, run.rt, run.system
     for p in system.prompt.parameters():
@@ -474,13 +491,8 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
             y = labels[idx]
             x = train_transform(source(batch), aug, gen)
             cams = sie[idx] if sie is not None else None
-            with rt.autocast():
-                f, h, text = net(x, cams, desc)
-            l_id = cross_entropy_ls(h.logits768, y, cfg.label_smoothing) + cross_entropy_ls(h.logits512, y, cfg.label_smoothing)
-            l_tri = torch.stack([batch_hard_triplet(t, y, cfg.margin) for t in (f.f11, f.f12, f.fproj)]).sum()
-            l_i2t = cross_entropy_ls(similarity(f.fproj, text, cosine=system.cosine, scale=system.scale), y, cfg.label_smoothing)
+            loss, (l_id, l_tri, l_i2t) = stage2_losses(system, net, x, y, cams, desc, cfg, rt)
             check_finite({"id": l_id, "triplet": l_tri, "i2t": l_i2t}, 2, epoch)
-            loss = cfg.id_weight * l_id + cfg.triplet_weight * l_tri + cfg.i2t_weight * l_i2t
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,154 @@
+"""GPU throughput of both stages for ViT-B/16 at 256x128 in bf16, each against its reference.
+
+Run it on the lent GPU machine from the repo root (no Ray; open_clip, ftfy, wcwidth and polars
+carried as wheels, see BENCHMARKS.md):
+
+    python benchmarks/gpu_throughput.py --out $OUT/gpu_throughput.json
+
+1. makes its own JPEGs (480 x 320) and decodes them once into the uint8 image cache (timed);
+2. stage 1: prompts/s of the batched step vs the public code's per-sample loop (target >= 20x);
+3. stage 2: images/s end to end (sampler -> cached uint8 -> GPU augmentation -> encoder -> losses
+   -> Adam) vs the bare step on a ready-made batch at the same batch size (target >= 90%).
+Random weights (no download): throughput does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import make_config, rate, stage1_rates, sync
+from PIL import Image
+
+from indivaid.data import SplitConfig, build_split, open_dataset
+from indivaid.data.augment import AugmentConfig, normalize, train_transform
+from indivaid.data.imagecache import ImageSpec, build_image_cache
+from indivaid.data.sampler import PKSampler
+from indivaid.losses import batch_hard_triplet  # noqa: F401  (imported for the bf16 check below)
+from indivaid.methods import METHODS
+from indivaid.models.fusion import pad_descriptions
+from indivaid.training.runtime import Runtime
+from indivaid.training.system import ReIDSystem
+from indivaid.training.trainer import ImageSource, _Stage2Net, stage2_losses, stage2_optimizer
+
+
+def make_jpegs(root: Path, ids: int, per_id: int) -> None:
+    def one(k: int) -> None:
+        rng = np.random.default_rng(k)
+        base = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((480, 320), Image.Resampling.BILINEAR)
+        d = root / f"id{k // per_id:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{k:06d}.jpg", quality=90)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(ids * per_id)))
+
+
+class _Bench:
+    """Just enough of a training run for the stage-2 step."""
+
+    def __init__(self, cfg, system: ReIDSystem) -> None:
+        self.cfg, self.system = cfg, system
+
+
+def stage2_rates(cfg, rt: Runtime, cache, rows: np.ndarray, labels: np.ndarray, batch: int, seconds: float) -> dict:
+    num_ids = int(labels.max()) + 1
+    torch.manual_seed(0)
+    system = ReIDSystem(cfg, METHODS.get("indivaid"), num_ids, 0, "tiger").to(rt.device).train()
+    for p in system.prompt.parameters():
+        p.requires_grad_(False)
+    desc = pad_descriptions(torch.randn(len(labels), system.image.embed_dim, device=rt.device),
+                            torch.from_numpy(labels).to(rt.device), num_ids)
+    net = _Stage2Net(system)
+    opt = stage2_optimizer(_Bench(cfg, system))
+    s2 = cfg.stage2
+    y_all = torch.from_numpy(labels).to(rt.device)
+    source = ImageSource(cache, rows, rt.device)
+    sampler = PKSampler(labels, batch // 4, 4, seed=0)
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+    aug = AugmentConfig()
+    fixed_idx = next(iter(sampler))
+    fixed_x = train_transform(source(fixed_idx), aug, gen)
+    fixed_y = y_all[torch.from_numpy(fixed_idx).to(rt.device)]
+
+    def step(x, y) -> None:
+        loss, _ = stage2_losses(system, net, x, y, None, desc, s2, rt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def bare() -> int:
+        step(fixed_x, fixed_y)
+        return batch
+
+    it = iter([])
+
+    def end_to_end() -> int:
+        nonlocal it
+        idx = next(it, None)
+        if idx is None:
+            it = iter(sampler)
+            idx = next(it)
+        step(train_transform(source(idx), aug, gen), y_all[torch.from_numpy(idx).to(rt.device)])
+        return batch
+
+    with rt.autocast():
+        f = system.image(fixed_x)
+    loss, terms = stage2_losses(system, net, fixed_x, fixed_y, None, desc, s2, rt)
+    check = {"feature_dtype": str(f.fproj.dtype), "loss_dtype": str(loss.dtype), "finite": bool(torch.isfinite(loss))}
+    r_bare = rate(bare, rt.device, seconds, warmup=3)
+    r_e2e = rate(end_to_end, rt.device, seconds, warmup=3)
+    return {"batch": batch, "bare_img_s": r_bare, "end_to_end_img_s": r_e2e, "ratio": r_e2e / r_bare, "bf16": check}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_throughput.json")
+    ap.add_argument("--ids", type=int, default=128)
+    ap.add_argument("--per-id", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--backbone", default="ViT-B-16", help="e.g. tiny, to dry-run the script on a CPU")
+    ap.add_argument("--size", type=int, nargs=2, default=(256, 128))
+    ap.add_argument("--batches", type=int, nargs="+", default=(64, 128))
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rt = Runtime(dev, torch.bfloat16 if dev.type == "cuda" else None)
+    report: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    t = time.perf_counter()
+    make_jpegs(tmp / "photos", args.ids, args.per_id)
+    report["jpeg_write_s"] = time.perf_counter() - t
+    cat = open_dataset("folder", path=tmp / "photos")
+    split = build_split(cat, SplitConfig(val_fraction=0.05, test_fraction=0.05, protocol="none"))
+    t = time.perf_counter()
+    cache = build_image_cache(split, ImageSpec(*args.size), tmp / "cache", workers=min(16, os.cpu_count() or 1))
+    report["decode_img_s"] = len(cache) / (time.perf_counter() - t)
+    train = split.part("train")
+    ids = {s: i for i, s in enumerate(sorted(set(train["identity"].to_list())))}
+    labels = np.array([ids[s] for s in train["identity"].to_list()])
+    rows = cache.rows(train["image_id"].to_list())
+    cfg = make_config(["model.pretrained=null", f"model.backbone={args.backbone}", f"model.input_size={list(args.size)}",
+                       "fusion.heads=4" if args.backbone in ("tiny", "micro") else "fusion.heads=8"])
+    report["backbone"], report["input_size"] = args.backbone, list(args.size)
+    s1_batched, s1_loop = stage1_rates(cfg, rt, num_ids=len(ids), batch=64, seconds=args.seconds)
+    report["stage1"] = {"batched_prompts_s": s1_batched, "per_sample_prompts_s": s1_loop, "speedup": s1_batched / s1_loop}
+    print(json.dumps(report), flush=True)
+    report["stage2"] = [stage2_rates(cfg, rt, cache, rows, labels, b, args.seconds) for b in args.batches]
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    for r in report["stage2"]:
+        print(f"stage 2 batch {r['batch']}: end-to-end {r['end_to_end_img_s']:.0f} img/s = {100 * r['ratio']:.0f}% of the bare step ({r['bare_img_s']:.0f})")
+    print(f"stage 1: {s1_batched:.0f} vs {s1_loop:.0f} prompts/s")
+    print(f"speed-up: {report['stage1']['speedup']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

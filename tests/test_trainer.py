@@ -1,0 +1,152 @@
+"""The two-stage trainer on CPU with the micro backbone and a small generated dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL
+
+from indivaid.config import apply_overrides
+from indivaid.training import REPORT_KEYS, TrainingError, resolve, train
+from indivaid.training.trainer import Run, description_cache, frozen_feature_cache, stage1, stage2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro_config(data_root: Path, cache: Path, *overrides: str, method: str = "indivaid"):
+    base = {
+        "preset": "tiny", "method": method,
+        "data": {"data_root": str(data_root), "cache_dir": str(cache), "options": dict(SMALL), "workers": 2},
+        "model": {"backbone": "micro", "input_size": [64, 32]},
+        "fusion": {"heads": 2},
+        "stage1": {"epochs": 2, "min_steps": 0, "batch_p": 8, "batch_k": 4},
+        "stage2": {"epochs": 2, "batch_p": 8, "batch_k": 4, "warmup_epochs": 1},
+        "runtime": {"deterministic": True, "threads": 2},
+    }
+    return resolve(apply_overrides(base, list(overrides)))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_each_stage_trains_only_what_it_should(data_root: Path, tmp_path: Path):
+    cfg = micro_config(data_root, tmp_path / "cache")
+    run = Run(cfg, tmp_path / "run", None)
+    s = run.system
+    text0, image0, prompt0 = snapshot(s.text), snapshot(s.image), snapshot(s.prompt)
+    feats = frozen_feature_cache(s, cfg, run.split, run.images, run.rt)
+    zs = {"val_mAP": 0.0}
+    stage1(run, feats, zs, None)
+    assert not changed(text0, s.text) and not changed(image0, s.image)
+    assert {"ctx", "meta_net.net.0.weight", "meta_net.net.2.weight"} <= changed(prompt0, s.prompt)
+    prompt1, head0, fusion0 = snapshot(s.prompt), snapshot(s.head), snapshot(s.fusion)
+    stage2(run, feats, None)
+    assert not changed(text0, s.text) and not changed(prompt1, s.prompt)
+    assert "visual.conv1.weight" in changed(image0, s.image)
+    assert {"cls768.weight", "bn768.weight", "bn512.running_mean"} <= changed(head0, s.head)
+    assert not {"bn768.bias", "bn512.bias"} & changed(head0, s.head)  # BNNeck bias frozen
+    assert "attn.out_proj.weight" in changed(fusion0, s.fusion)
+    assert [r["stage"] for r in run.history] == [1, 1, 2, 2]
+
+
+def test_stage1_loss_falls_and_descriptions_cluster_by_identity(data_root: Path, tmp_path: Path):
+    cfg = micro_config(data_root, tmp_path / "cache", "stage1.epochs=10", "stage1.lr=0.01")
+    run = Run(cfg, tmp_path / "run", None)
+    feats = frozen_feature_cache(run.system, cfg, run.split, run.images, run.rt)
+    stage1(run, feats, {}, None)
+    losses = [r["loss"] for r in run.history]
+    assert losses[-1] < losses[0] - 0.2  # random-init frozen features bound how low it can go
+    desc, mask = description_cache(run, feats)
+    d = torch.nn.functional.normalize(desc, dim=-1)
+    centres = torch.nn.functional.normalize((d * mask[..., None]).sum(1), dim=-1)
+    own = ((d * centres[:, None]).sum(-1) * mask).sum() / mask.sum()  # cosine to own identity's centre
+    other = (d[mask] @ centres.t()).mean()  # to all centres
+    assert own > other + 0.1
+
+
+def test_report_has_fixed_keys_once_per_epoch_and_result_files(data_root: Path, tmp_path: Path):
+    reports = []
+    cfg = micro_config(data_root, tmp_path / "cache", "stage1.epochs=1", "stage2.epochs=2", method="clipreid")
+    res = train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: reports.append((m, checkpoint)))
+    assert [(m["stage"], m["epoch"], m["s2_epoch"]) for m, _ in reports] == [(1, 1, 0), (2, 1, 1), (2, 2, 2)]
+    assert all(tuple(m) == REPORT_KEYS for m, _ in reports)
+    assert all(0 <= m["val_mAP"] <= 1 for m, _ in reports) and reports[-1][1].endswith("checkpoint.pt")
+    assert res.test is not None and 0 < res.test["mAP"] <= 1 and res.stage2_epochs == 2
+    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert on_disk["split_hash"] == res.split_hash and (tmp_path / "run" / "split.csv").is_file()
+    assert Path(res.checkpoint).is_file()
+
+
+def test_zeroshot_reports_once_and_needs_no_training(data_root: Path, tmp_path: Path):
+    reports = []
+    cfg = micro_config(data_root, tmp_path / "cache", method="zeroshot")
+    res = train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: reports.append(m))
+    assert len(reports) == 1 and reports[0]["stage"] == 0 and res.val["mAP"] == pytest.approx(reports[0]["val_mAP"])
+
+
+def test_non_finite_loss_names_stage_epoch_and_term(data_root: Path, tmp_path: Path):
+    cfg = micro_config(data_root, tmp_path / "cache", "stage1.lr=1e30", "model.similarity=dot", method="clipreid")
+    with pytest.raises(TrainingError, match=r"stage 1, epoch \d+: loss term (i2t|t2i) is"):
+        train(cfg, workdir=tmp_path / "run")
+
+
+def test_checkpoint_from_another_config_is_refused(data_root: Path, tmp_path: Path):
+    cfg = micro_config(data_root, tmp_path / "cache", "stage2.epochs=1", method="clipreid")
+    train(cfg, workdir=tmp_path / "run", evaluate_test=False)
+    other = micro_config(data_root, tmp_path / "cache", "stage2.epochs=1", "stage2.lr=0.01", method="clipreid")
+    with pytest.raises(TrainingError, match="different config"):
+        train(other, workdir=tmp_path / "run")
+
+
+KILL_SCRIPT = """
+import os, signal, sys, json
+sys.path.insert(0, {tests!r})
+from test_trainer import micro_config
+from indivaid.training import train
+from pathlib import Path
+cfg = micro_config(Path({data!r}), Path({cache!r}), "stage1.epochs=2", "stage2.epochs=4", "checkpoint.every=2")
+def report(m, checkpoint=None):
+    if {kill} and m["stage"] == {stage} and m["epoch"] == {epoch}:
+        os.kill(os.getpid(), signal.SIGKILL)
+res = train(cfg, workdir={workdir!r}, report=report)
+print(json.dumps({{"val": res.val, "test": res.test}}))
+"""
+
+
+def _run(data_root: Path, cache: Path, workdir: Path, kill: bool, stage: int = 2, epoch: int = 2):
+    code = KILL_SCRIPT.format(tests=str(ROOT / "tests"), data=str(data_root), cache=str(cache), kill=kill,
+                              stage=stage, epoch=epoch, workdir=str(workdir))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("resume")
+    ref = _run(data_root, tmp / "cache", tmp / "ref", kill=False)
+    assert ref.returncode == 0, ref.stderr
+    return tmp / "cache", json.loads(ref.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("stage,epoch", [(1, 1), (2, 3)])
+def test_killed_run_resumes_to_identical_metrics(data_root: Path, tmp_path: Path, uninterrupted, stage: int, epoch: int):
+    cache, reference = uninterrupted
+    killed = _run(data_root, cache, tmp_path / "run", kill=True, stage=stage, epoch=epoch)
+    assert killed.returncode == -signal.SIGKILL  # a real kill, mid-run, one epoch after the last checkpoint
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() == (stage == 2)
+    assert not (tmp_path / "run" / "result.json").exists()
+    resumed = _run(data_root, cache, tmp_path / "run", kill=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1]) == reference
