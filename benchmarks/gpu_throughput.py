@@ -28,15 +28,21 @@ from common import make_config, rate, stage1_rates, sync
 from PIL import Image
 
 from indivaid.data import SplitConfig, build_split, open_dataset
-from indivaid.data.augment import AugmentConfig, normalize, train_transform
+from indivaid.data.augment import AugmentConfig, train_transform
 from indivaid.data.imagecache import ImageSpec, build_image_cache
 from indivaid.data.sampler import PKSampler
-from indivaid.losses import batch_hard_triplet  # noqa: F401  (imported for the bf16 check below)
 from indivaid.methods import METHODS
 from indivaid.models.fusion import pad_descriptions
 from indivaid.training.runtime import Runtime
 from indivaid.training.system import ReIDSystem
-from indivaid.training.trainer import ImageSource, _Stage2Net, stage2_losses, stage2_optimizer
+from indivaid.training.trainer import (
+    ImageSource,
+    Stage2Stepper,
+    _Stage2Net,
+    epoch_batches,
+    stage2_losses,
+    stage2_optimizer,
+)
 
 
 def make_jpegs(root: Path, ids: int, per_id: int) -> None:
@@ -69,40 +75,33 @@ def stage2_rates(cfg, rt: Runtime, cache, rows: np.ndarray, labels: np.ndarray, 
                             torch.from_numpy(labels).to(rt.device), num_ids)
     net = _Stage2Net(system)
     opt = stage2_optimizer(_Bench(cfg, system))
-    s2 = cfg.stage2
     y_all = torch.from_numpy(labels).to(rt.device)
-    source = ImageSource(cache, rows, rt.device)
+    stepper = Stage2Stepper(system, net, opt, ImageSource(cache, rows, rt.device), y_all, None, desc, cfg.stage2, rt)
     sampler = PKSampler(labels, batch // 4, 4, seed=0)
     gen = torch.Generator(device=rt.device).manual_seed(0)
     aug = AugmentConfig()
-    fixed_idx = next(iter(sampler))
-    fixed_x = train_transform(source(fixed_idx), aug, gen)
-    fixed_y = y_all[torch.from_numpy(fixed_idx).to(rt.device)]
+    fixed_idx = torch.from_numpy(next(iter(sampler))).to(rt.device)
+    fixed_x = train_transform(stepper.source(fixed_idx), aug, gen)
+    fixed_y = y_all[fixed_idx]
 
-    def step(x, y) -> None:
-        loss, _ = stage2_losses(system, net, x, y, None, desc, s2, rt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def bare() -> int:
-        step(fixed_x, fixed_y)
+    def bare() -> int:  # the same step on a ready-made augmented batch: no sampling, no data movement
+        stepper.step(fixed_x, fixed_y, None)
         return batch
 
-    it = iter([])
+    state = {"epoch": 0, "pos": 0, "batches": epoch_batches(sampler, 0, rt.device)}
 
-    def end_to_end() -> int:
-        nonlocal it
-        idx = next(it, None)
-        if idx is None:
-            it = iter(sampler)
-            idx = next(it)
-        step(train_transform(source(idx), aug, gen), y_all[torch.from_numpy(idx).to(rt.device)])
-        return batch
+    def end_to_end() -> int:  # what the trainer does: epoch batches -> cached uint8 -> augment -> step
+        if state["pos"] >= len(state["batches"]):
+            state["epoch"] += 1
+            state["pos"], state["batches"] = 0, epoch_batches(sampler, state["epoch"], rt.device)
+        chunk = state["batches"][state["pos"] : state["pos"] + 4]
+        state["pos"] += 4
+        stepper.run(chunk, gen)
+        return chunk.numel()
 
     with rt.autocast():
         f = system.image(fixed_x)
-    loss, terms = stage2_losses(system, net, fixed_x, fixed_y, None, desc, s2, rt)
+    loss, terms = stage2_losses(system, net, fixed_x, fixed_y, None, desc, cfg.stage2, rt)
     check = {"feature_dtype": str(f.fproj.dtype), "loss_dtype": str(loss.dtype), "finite": bool(torch.isfinite(loss))}
     r_bare = rate(bare, rt.device, seconds, warmup=3)
     r_e2e = rate(end_to_end, rt.device, seconds, warmup=3)

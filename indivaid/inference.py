@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from indivaid.config import from_dict
-from indivaid.data.augment import AugmentConfig, normalize
+from indivaid.data.augment import normalize
 from indivaid.data.imagecache import ImageSpec, load_image
 from indivaid.models.backbone import build_clip
 from indivaid.models.encoders import ImageEncoder
@@ -47,7 +47,7 @@ class InferenceModel:
     @torch.no_grad()
     def embed_uint8(self, images: Tensor, cameras: Tensor | None = None) -> Tensor:
         """uint8 ``B x 3 x H x W`` -> fp32 inference features (not yet L2-normalised)."""
-        x = normalize(images.to(self.device), AugmentConfig())
+        x = normalize(images.to(self.device), self.cfg.augment)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
         with amp:
             f = self.image(x, cameras.to(self.device) if cameras is not None else None)

@@ -27,6 +27,16 @@ from indivaid.eval.metrics import _rank_metrics
 RANKS = (1, 2, 5, 10)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: worker threads only add synchronisation (and, on a busy machine,
+    stalls), so run this module single-threaded and restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------
 # oracle
 
@@ -95,6 +105,7 @@ BACKENDS = [
     ("auto", None),
     ("bucket", 1.0),  # never falls back, even with heavy ties
     ("bucket", 0.0),  # always falls back to the binary search
+    ("bucket-blocks", 1.0),  # chunks split into blocks of a few queries, few or many buckets
     ("search", None),
     ("sort", None),
 ]
@@ -103,6 +114,11 @@ BACKENDS = [
 def run_backend(monkeypatch, backend, fraction, *args, **kwargs) -> dict:
     if fraction is not None:
         monkeypatch.setattr(metrics_mod, "_BUCKET_MAX_CANDIDATE_FRACTION", fraction)
+    if backend == "bucket-blocks":
+        backend = "bucket"
+        monkeypatch.setattr(metrics_mod._BucketRanker, "_BLOCK_ITEMS", 100)
+        cost = 0.0 if len(args[0]) % 2 else 1e9  # bucket count at its lower / upper bound
+        monkeypatch.setattr(metrics_mod._BucketRanker, "_CANDIDATE_COST", cost)
     kwargs.setdefault("ranks", RANKS)
     kwargs.setdefault("chunk_size", 1024)
     return _rank_metrics(*args, backend=backend, **kwargs).as_dict()
@@ -115,10 +131,10 @@ def run_backend(monkeypatch, backend, fraction, *args, **kwargs) -> dict:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("backend,fraction", BACKENDS)
 def test_random_cases_match_oracle(monkeypatch, protocol, backend, fraction):
-    for seed in range(8):
+    for seed in range(6):
         dist, q_ids, g_ids, q_cams, g_cams = random_case(seed, protocol)
         want = oracle(dist, q_ids, g_ids, q_cams, g_cams, protocol)
-        for chunk_size in (1, 7, 1024) if seed < 3 else (7, 1024):
+        for chunk_size in (1, 7, 1024) if seed < 2 else (7, 1024):
             got = run_backend(
                 monkeypatch, backend, fraction, dist, q_ids, g_ids, q_cams, g_cams,
                 protocol=protocol, chunk_size=chunk_size,

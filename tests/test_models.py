@@ -16,9 +16,9 @@ from indivaid.models.prompt import PromptLearner
 
 
 @pytest.fixture(scope="module")
-def micro():
+def tiny_clip():
     torch.manual_seed(0)
-    return build_clip("micro", None, (64, 32), 16)
+    return build_clip("tiny", None, (64, 32), 16)
 
 
 def test_pos_embed_resize_same_grid_is_identity_and_shapes_for_reid_sizes():
@@ -34,7 +34,7 @@ def test_pos_embed_resize_same_grid_is_identity_and_shapes_for_reid_sizes():
 
 def test_adapted_vit_runs_at_new_size_and_stride():
     torch.manual_seed(0)
-    clip = build_clip("micro", None, (64, 32), 16)
+    clip = build_clip("tiny", None, (64, 32), 16)
     adapt_visual(clip.visual, (80, 40), 12)
     enc = ImageEncoder(clip.visual, num_cameras=3)
     f = enc(torch.randn(2, 3, 80, 40), torch.tensor([0, 3]))  # camera 3 = unseen -> the zero row
@@ -43,26 +43,26 @@ def test_adapted_vit_runs_at_new_size_and_stride():
     assert torch.count_nonzero(enc.camera_embed[-1]) == 0
 
 
-def test_image_encoder_matches_open_clip_projection(micro):
-    enc = ImageEncoder(micro.visual).eval()
+def test_image_encoder_matches_open_clip_projection(tiny_clip):
+    enc = ImageEncoder(tiny_clip.visual).eval()
     x = torch.randn(3, 3, 64, 32)
     with torch.no_grad():
-        assert torch.allclose(enc(x).fproj, micro.visual(x), atol=1e-5)
+        assert torch.allclose(enc(x).fproj, tiny_clip.visual(x), atol=1e-5)
 
 
-def test_text_encoder_matches_open_clip_encode_text(micro):
+def test_text_encoder_matches_open_clip_encode_text(tiny_clip):
     from open_clip.tokenizer import tokenize
 
-    text = TextEncoder(micro)
+    text = TextEncoder(tiny_clip)
     ids = tokenize(["a photo of a tiger."], context_length=24)
     with torch.no_grad():
-        ours = text(micro.token_embedding(ids), ids.argmax(-1))
-        ref = micro.encode_text(ids)
+        ours = text(tiny_clip.token_embedding(ids), ids.argmax(-1))
+        ref = tiny_clip.encode_text(ids)
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_prompt_learner_batches_identity_tokens_and_meta_net(micro):
-    text = TextEncoder(micro)
+def test_prompt_learner_batches_identity_tokens_and_meta_net(tiny_clip):
+    text = TextEncoder(tiny_clip)
     pl = PromptLearner(text, num_ids=5, species="polar bear", n_ctx=4, meta_net=True, embed_dim=32)
     emb, eot = pl(torch.tensor([0, 3, 3]), torch.randn(3, 32))
     assert emb.shape == (3, 24, 32) and (eot == eot[0]).all()
@@ -119,11 +119,11 @@ def test_missing_pretrained_weights_fail_fast_with_instructions(monkeypatch, tmp
         build_clip("ViT-B-16", "no-such-tag", (256, 128), 16)
 
 
-def test_local_checkpoint_loads_strictly_and_mismatch_fails(micro, tmp_path: Path):
-    path = tmp_path / "micro.pt"
-    torch.save(micro.state_dict(), path)
-    again = build_clip("micro", str(path), (64, 32), 16)
-    assert torch.equal(again.visual.conv1.weight, micro.visual.conv1.weight)
-    torch.save({k: v for k, v in micro.state_dict().items() if not k.startswith("visual.ln_post")}, path)
+def test_local_checkpoint_loads_strictly_and_mismatch_fails(tiny_clip, tmp_path: Path):
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    again = build_clip("tiny", str(path), (64, 32), 16)
+    assert torch.equal(again.visual.conv1.weight, tiny_clip.visual.conv1.weight)
+    torch.save({k: v for k, v in tiny_clip.state_dict().items() if not k.startswith("visual.ln_post")}, path)
     with pytest.raises(WeightsError, match="does not fit"):
-        build_clip("micro", str(path), (64, 32), 16)
+        build_clip("tiny", str(path), (64, 32), 16)

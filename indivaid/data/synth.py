@@ -226,6 +226,7 @@ def _jitter_colour(rng: np.random.Generator, c: np.ndarray, s: float) -> np.ndar
 
 
 def _make_genome(rng: np.random.Generator) -> _Genome:
+    """A fresh identity. Coat parameters vary most, so the coat carries the identity."""
     pattern = _PATTERN_TYPES[rng.integers(len(_PATTERN_TYPES))]
     fmin, fmax = _PATTERN_FREQ[pattern]
     base = _jitter_colour(rng, _COAT_BASES[rng.integers(len(_COAT_BASES))], 0.06)
@@ -237,12 +238,8 @@ def _make_genome(rng: np.random.Generator) -> _Genome:
     mark = _jitter_colour(rng, mark_choice, 0.05)
     third = _jitter_colour(rng, _COAT_BASES[rng.integers(len(_COAT_BASES))], 0.08)
     has_third = rng.random() < 0.4
-    if pattern == "stripes":
-        threshold = float(rng.uniform(-0.4, 0.4))
-    elif pattern == "spots":
-        threshold = float(rng.uniform(0.5, 1.0))
-    else:
-        threshold = float(rng.uniform(-0.4, 0.4))
+    # Spots threshold the field high (sparse marks); stripes and patches near its middle.
+    threshold = float(rng.uniform(0.5, 1.0) if pattern == "spots" else rng.uniform(-0.4, 0.4))
     return _Genome(
         pattern=pattern,
         field=_random_field(rng, 12, fmin, fmax),
@@ -272,7 +269,10 @@ def _make_genome(rng: np.random.Generator) -> _Genome:
 def _lookalike(parent: _Genome, rng: np.random.Generator) -> _Genome:
     """A near-copy of ``parent``: same kind of coat and colours, locally different pattern."""
     fmin, fmax = _PATTERN_FREQ[parent.pattern]
-    scale = lambda v, s=0.05: float(v * rng.uniform(1 - s, 1 + s))  # noqa: E731
+
+    def scale(v: float, s: float = 0.05) -> float:
+        return float(v * rng.uniform(1 - s, 1 + s))
+
     return dataclasses.replace(
         parent,
         field=_perturb_field(parent.field, rng, 0.35, fmin, fmax),
@@ -624,7 +624,8 @@ def _animal(
     def union(dist: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], r0: float, r1: float) -> None:
         """dist = max(dist, capsule), evaluated only on the capsule's own pixel box."""
         r = max(r0, r1)
-        bx0, by0, bx1, by1 = pixel_box(min(p0[0], p1[0]) - r, min(p0[1], p1[1]) - r, max(p0[0], p1[0]) + r, max(p0[1], p1[1]) + r)
+        (lo_x, hi_x), (lo_y, hi_y) = sorted((p0[0], p1[0])), sorted((p0[1], p1[1]))
+        bx0, by0, bx1, by1 = pixel_box(lo_x - r, lo_y - r, hi_x + r, hi_y + r)
         sl = (slice(max(by0 - wy0, 0), max(by1 - wy0, 0)), slice(max(bx0 - wx0, 0), max(bx1 - wx0, 0)))
         local = dist[sl]
         if local.size:
@@ -784,7 +785,8 @@ def _write_dataset(params: SynthParams, folder: Path, workers: int) -> dict[str,
         # Rendering is many small numpy calls, so threads fight over the GIL; forked processes
         # scale. Every image has its own random stream, so the result is order-independent.
         # Small datasets (tests) render inline: a pool costs more than it saves there.
-        can_fork = "fork" in mp.get_all_start_methods()
+        # Daemonic processes (multiprocessing pool workers) may not start children.
+        can_fork = "fork" in mp.get_all_start_methods() and not mp.current_process().daemon
         if workers > 1 and can_fork and len(specs) >= _MIN_IMAGES_FOR_POOL:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
                 ids = range(params.identities)
@@ -804,7 +806,7 @@ def _write_dataset(params: SynthParams, folder: Path, workers: int) -> dict[str,
             writer.writerow([s.image_id, ident, s.rel_path, f"cam{e.camera}", e.name, e.date, params.species])
     info = {
         "generator_version": GENERATOR_VERSION,
-        "name": folder.name,
+        "name": dataset_dir_name(params),
         "params": dataclasses.asdict(params),
         "counts": {
             "identities": params.identities,

@@ -45,9 +45,10 @@ def distance_matrix(
 
     ``euclidean`` uses ``|a|^2 + |b|^2 - 2 a.b`` (one matmul instead of a ``Q*G*D`` difference
     tensor) on features centred on their joint mean, clamped at 0 before the square root so that
-    rounding can never produce a NaN for identical vectors. ``cosine`` is ``1 - cos`` clamped to ``[0, 2]``; the features are always
-    L2-normalised for it. ``normalize=True`` L2-normalises the features first for either metric
-    (the usual choice for CLIP embeddings). The result lives on the inputs' device.
+    rounding can never produce a NaN for identical vectors. ``cosine`` is ``1 - cos`` clamped to
+    ``[0, 2]``; the features are always L2-normalised for it. ``normalize=True`` L2-normalises
+    the features first for either metric (the usual choice for CLIP embeddings). The result lives
+    on the inputs' device (on CUDA the matmul follows torch's TF32 setting).
     """
     validate_metric(metric)
     if query.ndim != 2 or gallery.ndim != 2:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from indivaid.config import ConfigError, apply_overrides, from_dict
+from indivaid.data.augment import AugmentConfig
 from indivaid.data.split import SplitConfig
 from indivaid.registry import did_you_mean
 
@@ -124,6 +125,7 @@ class TrainConfig:
     fusion: FusionConfig = FusionConfig()
     stage1: Stage1Config = Stage1Config()
     stage2: Stage2Config = Stage2Config()
+    augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     runtime: RuntimeConfig = RuntimeConfig()

@@ -104,9 +104,11 @@ class ImageSource:
         nbytes = len(rows) * int(np.prod(cache.array.shape[1:]))
         self.resident = cache[rows].to(device) if device.type == "cuda" and nbytes <= device_budget_gb * 2**30 else None
 
-    def __call__(self, idx: np.ndarray) -> Tensor:
+    def __call__(self, idx: np.ndarray | Tensor) -> Tensor:
         if self.resident is not None:
-            return self.resident[torch.from_numpy(idx).to(self.device)]
+            return self.resident[torch.as_tensor(idx).to(self.device)]
+        if isinstance(idx, Tensor):
+            idx = idx.cpu().numpy()
         batch = self.cache[self.rows[idx]]
         if self.device.type == "cuda":
             return batch.pin_memory().to(self.device, non_blocking=True)
@@ -125,12 +127,11 @@ def weights_id(cfg: TrainConfig) -> str:
 @torch.no_grad()
 def image_features(system: ReIDSystem, source: Callable[[np.ndarray], Tensor], n: int, rt: Runtime, batch: int,
                    cameras: Tensor | None = None, *, feature: str = "inference", after_bn: bool = False,
-                   part_norm: bool = False) -> Tensor:
+                   part_norm: bool = False, aug: AugmentConfig = AugmentConfig()) -> Tensor:
     """Features of ``n`` images in eval mode: ``inference`` (concat f12, fproj) or ``fproj``."""
     was_training = system.training
     system.eval()
     out = []
-    aug = AugmentConfig()
     for s in range(0, n, batch):
         idx = np.arange(s, min(n, s + batch))
         x = normalize(source(idx), aug)
@@ -159,7 +160,7 @@ def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, ima
         for s in range(0, len(rows), cfg.eval.batch_size):
             idx = np.arange(s, min(len(rows), s + cfg.eval.batch_size))
             with rt.autocast():
-                f = system.image(normalize(src(idx), AugmentConfig()))
+                f = system.image(normalize(src(idx), cfg.augment))
             f12.append(f.f12.float().cpu())
             fproj.append(f.fproj.float().cpu())
     feats = {"f12": torch.cat(f12), "fproj": torch.cat(fproj), "image_ids": split.table["image_id"].to_list()}
@@ -277,7 +278,7 @@ class Run:
         src = ImageSource(self.images, self.images.rows(need["image_id"].to_list()), self.rt.device, 0)
         ev = self.cfg.eval
         feats = image_features(self.system, src, need.height, self.rt, ev.batch_size, self._sie_codes(need),
-                               after_bn=ev.after_bn, part_norm=ev.part_norm)
+                               after_bn=ev.after_bn, part_norm=ev.part_norm, aug=self.cfg.augment)
         index = {im: i for i, im in enumerate(need["image_id"].to_list())}
         return score_features(feats, self.split, stage, index, self.cfg)
 
@@ -287,6 +288,19 @@ class Run:
         box = [values]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def epoch_batches(sampler: PKSampler, epoch: int, device: torch.device) -> Tensor:
+    """This rank's batches of an epoch as one (num_batches, P*K) index tensor on ``device``.
+
+    One host-to-device copy per epoch: a per-step copy from pageable memory would make the host
+    wait for the GPU every step and starve it at small batch sizes.
+    """
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    width = sampler.p * sampler.k
+    host = torch.from_numpy(np.stack(batches)) if batches else torch.zeros(0, width, dtype=torch.long)
+    return host.to(device)
 
 
 def check_finite(terms: dict[str, Tensor], stage: int, epoch: int) -> None:
@@ -345,22 +359,20 @@ def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: 
         lr = cosine_with_warmup(epoch, epochs, cfg.warmup_epochs, cfg.lr, cfg.lr_min)
         for group in opt.param_groups:
             group["lr"] = lr
-        sampler.set_epoch(epoch)
-        sums = {"loss_i2t": 0.0, "loss_t2i": 0.0}
-        t0, n = time.perf_counter(), 0
-        for batch in sampler:
-            idx = torch.from_numpy(batch).to(rt.device)
+        batches = epoch_batches(sampler, epoch, rt.device)
+        sums = torch.zeros(2, device=rt.device)
+        t0 = time.perf_counter()
+        for idx in batches:
             y, vx = labels[idx], v[idx]
             i2t, t2i = stage1_losses(system, model, y, vx, rt)
-            check_finite({"i2t": i2t, "t2i": t2i}, 1, epoch)
             opt.zero_grad(set_to_none=True)
             (i2t + t2i).backward()
             opt.step()
-            sums["loss_i2t"] += i2t.item()
-            sums["loss_t2i"] += t2i.item()
-            n += len(batch)
-        nb = max(1, len(sampler))
-        losses = {k: s / nb for k, s in sums.items()}
+            sums += torch.stack([i2t.detach(), t2i.detach()])
+        means = (sums / max(1, len(batches))).tolist()  # the epoch's one sync with the device
+        n = batches.numel()
+        check_finite({"i2t": torch.tensor(means[0]), "t2i": torch.tensor(means[1])}, 1, epoch)
+        losses = {"loss_i2t": means[0], "loss_t2i": means[1]}
         run.last_val = zs_val
         done = epoch + 1
         path = None
@@ -406,16 +418,19 @@ def description_cache(run: Run, feats: dict[str, Tensor]) -> tuple[Tensor, Tenso
 
 def stage2_optimizer(run: Run) -> torch.optim.Optimizer:
     cfg, system = run.cfg.stage2, run.system
-    groups = []
+    weights, biases = [], []
     for module in (system.image, system.head):
         for name, p in module.named_parameters():
             if p.requires_grad:
-                lr = cfg.lr * (cfg.bias_lr_factor if name.endswith("bias") else 1.0)
-                groups.append({"params": [p], "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay})
+                (biases if name.endswith("bias") else weights).append(p)
+    # Few groups, not one per tensor: Adam's multi-tensor (foreach/fused) kernels work per group.
+    groups = [{"params": weights, "base_lr": cfg.lr}, {"params": biases, "base_lr": cfg.lr * cfg.bias_lr_factor}]
     if system.fusion is not None:
-        lr = cfg.lr * run.cfg.fusion.lr_factor
-        groups.append({"params": list(system.fusion.parameters()), "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay})
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups.append({"params": list(system.fusion.parameters()), "base_lr": cfg.lr * run.cfg.fusion.lr_factor})
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 class _Stage2Net(nn.Module):
@@ -449,6 +464,33 @@ def stage2_losses(system: ReIDSystem, net: nn.Module, x: Tensor, y: Tensor, cams
     return loss, (l_id, l_tri, l_i2t)
 
 
+class Stage2Stepper:
+    """The stage-2 optimisation step over device-resident batches (shared with the GPU benchmark)."""
+
+    def __init__(self, system: ReIDSystem, net: nn.Module, opt: torch.optim.Optimizer, source: "ImageSource",
+                 labels: Tensor, sie: Tensor | None, desc: Tensor | tuple[Tensor, Tensor], cfg, rt: Runtime,
+                 aug: AugmentConfig = AugmentConfig()) -> None:
+        self.system, self.net, self.opt, self.source = system, net, opt, source
+        self.labels, self.sie, self.desc, self.cfg, self.rt = labels, sie, desc, cfg, rt
+        self.aug = aug
+
+    def step(self, x: Tensor, y: Tensor, cams: Tensor | None) -> Tensor:
+        """One optimiser step on an augmented batch; returns the (ID, triplet, i2t) terms, detached."""
+        loss, terms = stage2_losses(self.system, self.net, x, y, cams, self.desc, self.cfg, self.rt)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return torch.stack([t.detach() for t in terms])
+
+    def run(self, batches: Tensor, gen: torch.Generator) -> Tensor:
+        """Steps over ``batches`` (rows of training-image indices on the device); summed loss terms."""
+        sums = torch.zeros(3, device=self.rt.device)
+        for idx in batches:
+            x = train_transform(self.source(idx), self.aug, gen)
+            sums += self.step(x, self.labels[idx], self.sie[idx] if self.sie is not None else None)
+        return sums
+
+
 def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
     cfg, rt, system = run.cfg.stage2, run.rt, run.system
     for p in system.prompt.parameters():
@@ -470,42 +512,24 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
     net = _wrap(_Stage2Net(system), rt)
     sampler = PKSampler(run.train_labels.numpy(), cfg.batch_p, cfg.batch_k, seed=run.cfg.runtime.seed + 1,
                         rank=rt.rank, world_size=rt.world_size)
-    source = ImageSource(run.images, run.train_rows, rt.device)
-    labels = run.train_labels.to(rt.device)
     sie = run._sie_codes(run.split.part("train"))
-    sie = sie.to(rt.device) if sie is not None else None
-    aug = AugmentConfig()
+    stepper = Stage2Stepper(system, net, opt, ImageSource(run.images, run.train_rows, rt.device),
+                            run.train_labels.to(rt.device), sie.to(rt.device) if sie is not None else None,
+                            desc, cfg, rt, run.cfg.augment)
     milestones = milestone_epochs(cfg.milestones, cfg.milestone_unit, cfg.epochs)
     for epoch in range(start, cfg.epochs):
         factor = warmup_multistep(epoch, cfg.warmup_epochs, cfg.warmup_factor, milestones, cfg.gamma)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        sampler.set_epoch(epoch)
+        batches = epoch_batches(sampler, epoch, rt.device)
         gen = torch.Generator(device=rt.device).manual_seed(run.cfg.runtime.seed * 100_003 + epoch * 7919 + rt.rank)
-        sums = dict.fromkeys(("loss_id", "loss_triplet", "loss_i2t_s2"), 0.0)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        t0, n = time.perf_counter(), 0
-        for batch in sampler:
-            idx = torch.from_numpy(batch).to(rt.device)
-            y = labels[idx]
-            x = train_transform(source(batch), aug, gen)
-            cams = sie[idx] if sie is not None else None
-            loss, (l_id, l_tri, l_i2t) = stage2_losses(system, net, x, y, cams, desc, cfg, rt)
-            check_finite({"id": l_id, "triplet": l_tri, "i2t": l_i2t}, 2, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums["loss_id"] += l_id.item()
-            sums["loss_triplet"] += l_tri.item()
-            sums["loss_i2t_s2"] += l_i2t.item()
-            n += len(batch)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        ips = n * rt.world_size / max(1e-9, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sums = stepper.run(batches, gen)
+        means = (sums / max(1, len(batches))).tolist()  # the epoch's one sync with the device
+        ips = batches.numel() * rt.world_size / max(1e-9, time.perf_counter() - t0)
         run.images_per_s = ips
-        nb = max(1, len(sampler))
-        losses = {k: s / nb for k, s in sums.items()}
+        check_finite({k: torch.tensor(v) for k, v in zip(("id", "triplet", "i2t"), means)}, 2, epoch)
+        losses = dict(zip(("loss_id", "loss_triplet", "loss_i2t_s2"), means))
         done = epoch + 1
         if done % run.cfg.eval.every == 0 or done == cfg.epochs:
             val = as_val(run.evaluate("val")) if rt.is_main else {}
