@@ -20,6 +20,7 @@ def raw_pixel_features(images: Tensor, size: tuple[int, int] = (32, 16)) -> Tens
     return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True).clamp_min(1e-6)
 
 
-def cached_raw_pixel_features(cache: ImageCache, image_ids: list[str], batch: int = 512) -> Tensor:
+def cached_raw_pixel_features(cache: ImageCache, image_ids: list[str], size: tuple[int, int] = (32, 16),
+                              batch: int = 512) -> Tensor:
     rows = cache.rows(image_ids)
-    return torch.cat([raw_pixel_features(cache[rows[i : i + batch]]) for i in range(0, len(rows), batch)])
+    return torch.cat([raw_pixel_features(cache[rows[i : i + batch]], size) for i in range(0, len(rows), batch)])

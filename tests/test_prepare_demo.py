@@ -46,8 +46,13 @@ def test_demo_prints_split_and_raw_pixel_baseline(data_root: Path, monkeypatch, 
     monkeypatch.setenv("INDIVAID_CACHE", str(tmp_path / "cache"))
     console = Console(record=True, width=120)
     opts = [f"-o{k}={v}" for k, v in SMALL.items()]  # the demo's generator, made small
-    results = demo.main(["--data-root", str(data_root), *opts], console=console)
+    quick = ["--set", "stage1.min_steps=0", "--set", "stage1.epochs=1", "--set", "stage2.epochs=1"]
+    results = demo.main(["--data-root", str(data_root), *opts, "--methods", "clipreid", *quick,
+                         "--workdir", str(tmp_path / "runs")], console=console)
     text = console.export_text()
-    assert "val_gallery" in text and "raw pixels / test" in text and "split file:" in text
+    assert "val_gallery" in text and "split file:" in text
+    for row in ("raw pixels / test", "untrained (tiny) / val", "clipreid / val", "clipreid / test"):
+        assert row in results and row.split(" / ")[0] in text
     for m in results.values():
         assert 0 < m.mAP < 1 and m.num_valid_queries > 0
+    assert len(list((tmp_path / "runs").glob("clipreid-*/model.pt"))) == 1

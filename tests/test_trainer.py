@@ -165,8 +165,8 @@ def learnable(tmp_path_factory: pytest.TempPathFactory):
     split = build_split(open_dataset("synthetic", data_root=root, **options), SplitConfig(seed=0))
     cache = build_image_cache(split, ImageSpec(48, 96), root / "cache")
     q, g = split.query_gallery("val")
-    raw = score_retrieval(cached_raw_pixel_features(cache, q["image_id"].to_list()),
-                          cached_raw_pixel_features(cache, g["image_id"].to_list()), q, g,
+    raw = score_retrieval(cached_raw_pixel_features(cache, q["image_id"].to_list(), size=(24, 48)),
+                          cached_raw_pixel_features(cache, g["image_id"].to_list(), size=(24, 48)), q, g,
                           protocol=split.protocol, camera_codes=split.camera_codes())
     return root, options, raw.mAP
 
