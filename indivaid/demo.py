@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict[
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override, e.g. stage2.epochs=10")
     ap.add_argument("--workdir", default="runs/demo", help="where the demo's training runs go")
     args = ap.parse_args(argv)
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 110)
     root = data_root(args.data_root)
     cache_root = Path(os.environ.get("INDIVAID_CACHE", root / "cache"))
     console.rule("[bold]IndivAID demo: synthetic animals")

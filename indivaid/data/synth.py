@@ -20,11 +20,9 @@ Run ``python -m indivaid.data.synth --out ROOT`` to write the default dataset an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import datetime as dt
-import fcntl
 import hashlib
 import io
 import json
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from indivaid.utils.io import file_lock
 from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
@@ -852,7 +852,7 @@ def generate(
     if _complete(final):
         log.debug("reusing %s", final)
         return final
-    with _locked(root / f".{name}.lock"):
+    with file_lock(root / f".{name}.lock"):
         if _complete(final):
             log.info("reusing %s (made by another process)", final)
             return final
@@ -870,17 +870,6 @@ def generate(
             raise
     log.info("wrote %s: %d identities, %d images", final, info["counts"]["identities"], info["counts"]["images"])
     return final
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on ``path`` for the ``with`` block (released if the process dies)."""
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _iter_cli_fields() -> Iterator[tuple[str, dataclasses.Field]]:

@@ -13,12 +13,13 @@ from typing import Any
 from indivaid.data.adapters.base import DATASETS, DatasetAdapter, DatasetInfo
 from indivaid.data.adapters.generic import TableAdapter
 from indivaid.data.catalogue import Catalogue, DataError
-from indivaid.data.synth import SynthParams, generate
 from indivaid.registry import did_you_mean
 
 
 class SyntheticAdapter(DatasetAdapter):
     def __init__(self, **params: Any) -> None:
+        from indivaid.data.synth import SynthParams  # lazy: `python -m indivaid.data.synth` imports this package
+
         valid = [f.name for f in dataclasses.fields(SynthParams)]
         for key in params:
             if key not in valid:
@@ -28,6 +29,8 @@ class SyntheticAdapter(DatasetAdapter):
                                 "python -m indivaid.data.synth", default_protocol="market1501")
 
     def default_path(self, data_root: Path) -> Path:
+        from indivaid.data.synth import generate
+
         return generate(self.params, data_root)
 
     def load(self, path: Path) -> Catalogue:
