@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 from conftest import SMALL
@@ -180,3 +181,18 @@ def test_stage2_learns_far_beyond_untrained_and_raw_pixels(learnable, tmp_path: 
     untrained = res.zeroshot_val["val_mAP"]  # the same random-init model before any training
     assert res.val["mAP"] >= 2 * untrained, (res.val["mAP"], untrained)
     assert res.val["mAP"] >= raw_map + 0.1, (res.val["mAP"], raw_map)
+
+
+def test_camera_embedding_trains_and_unseen_cameras_use_the_zero_row(data_root: Path, tmp_path: Path):
+    cfg = micro_config(data_root, tmp_path / "cache", "model.sie=true", "stage1.epochs=1", "stage2.epochs=1",
+                       method="clipreid")
+    run = Run(cfg, tmp_path / "run", None)
+    emb = run.system.image.camera_embed
+    before = emb.detach().clone()
+    assert emb.shape[0] == len(run.sie_codes) + 1 and torch.count_nonzero(before[-1]) == 0
+    feats = frozen_feature_cache(run.system, cfg, run.split, run.images, run.rt)
+    stage1(run, feats, {}, None)
+    stage2(run, feats, None)
+    assert not torch.equal(before[:-1], emb.detach()[:-1])  # seen cameras' vectors trained
+    codes = run._sie_codes(run.split.table.with_columns(camera=pl.lit("a-camera-never-seen")))
+    assert set(codes.tolist()) == {len(run.sie_codes)}
