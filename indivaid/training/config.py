@@ -140,16 +140,24 @@ class TrainConfig:
         if self.model.backbone not in BACKBONES:
             raise ValueError(f"model.backbone: unknown {self.model.backbone!r}"
                              f"{did_you_mean(self.model.backbone, BACKBONES.names())}")
+        if METHODS.get(self.method).fusion == "attention":
+            from indivaid.models.backbone import model_config
+
+            dim = model_config(BACKBONES.get(self.model.backbone))["embed_dim"]
+            if dim % self.fusion.heads:
+                raise ValueError(f"fusion.heads: {self.fusion.heads} does not divide the {self.model.backbone} "
+                                 f"text-feature width {dim}")
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in resources.files("indivaid.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """Deep merge: ``over``'s keys win, nested mappings merge."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -161,7 +169,7 @@ def resolve(data: dict[str, Any], source: str = "config") -> TrainConfig:
         if preset not in names:
             raise ConfigError(f"{source}: preset: unknown {preset!r}{did_you_mean(str(preset), names)}; presets: {', '.join(names)}")
         base = yaml.safe_load(resources.files("indivaid.presets").joinpath(f"{preset}.yaml").read_text()) or {}
-        data = _merge(base, data)
+        data = merge(base, data)
     try:
         return from_dict(TrainConfig, data)
     except ConfigError as e:

@@ -266,6 +266,7 @@ class Run:
                                 "use a fresh workdir (or delete the checkpoint to start over)")
         self.history = list(state["history"])
         self.last_val = dict(state["last_val"])
+        ckpt.set_rng_state(state["rng"])  # batches and augmentations are seeded per epoch; this covers the rest
         log.info("resuming from %s (stage %d, epoch %d)", self.ckpt_path, state["stage"], state["epoch"])
         return state
 

@@ -1,0 +1,172 @@
+"""Sweep files: YAML -> typed frozen config, validated against the trainer's config when loaded.
+
+Every search-space key is a dotted trainer path (``stage1.lr``); the file fails to load, with the
+key's path and a did-you-mean, if a path or a range is wrong, so nothing starts on a typo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from indivaid.config import ConfigError, apply_overrides, from_dict
+from indivaid.data.adapters import DATASETS
+from indivaid.methods import METHODS, MethodSpec
+from indivaid.registry import did_you_mean
+from indivaid.training.config import TrainConfig, merge, resolve
+from indivaid.utils.io import data_root as default_data_root
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search dimension: loguniform/uniform (low, high), int (low, high), choice (values)."""
+
+    kind: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty 'values' list")
+            return
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.kind} needs low < high, got low={self.low}, high={self.high}")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        if self.kind == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int bounds must be whole numbers")
+
+    def samples(self) -> list[Any]:
+        """Representative values (both ends, the middle) used to validate the key against the trainer."""
+        if self.kind == "choice":
+            return list(self.values or [])
+        assert self.low is not None and self.high is not None
+        if self.kind == "int":
+            return [int(self.low), int(self.high)]
+        mid = math.sqrt(self.low * self.high) if self.kind == "loguniform" else (self.low + self.high) / 2
+        return [self.low, mid, self.high]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    seed: int = 0
+    startup_trials: int = field(default=4, metadata={"ge": 0})  # random trials before TPE
+    num_samples: int = field(default=8, metadata={"ge": 1})  # per dataset x method
+    max_concurrent: int = field(default=2, metadata={"ge": 1})
+    metric: Literal["val_mAP", "val_rank1"] = "val_mAP"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    kind: Literal["asha", "none"] = "asha"
+    grace_period: int = field(default=10, metadata={"ge": 1})  # stage-2 epochs; >= the stage-2 warm-up
+    reduction_factor: int = field(default=2, metadata={"ge": 2})
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpus: float = field(default=1.0, metadata={"gt": 0})
+    gpus: float = field(default=0.0, metadata={"ge": 0})
+    custom: dict[str, float] = field(default_factory=dict)
+    workers: int = field(default=0, metadata={"ge": 0})  # 0: train inside the trial; >= 1: Ray Train (DDP)
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    seeds: int = field(default=5, metadata={"ge": 0})  # re-runs of each best config, scored on test
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    datasets: list[str]
+    methods: list[str] = field(default_factory=lambda: ["indivaid", "clipreid", "zeroshot"])
+    storage: str | None = None  # default results/<name>
+    data_root: str | None = None  # default $INDIVAID_DATA, then data/
+    base: dict[str, Any] = field(default_factory=dict)  # trainer config (may name a preset)
+    per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)  # trainer overrides per dataset
+    search_space: dict[str, ParamSpec] = field(default_factory=dict)
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    final: FinalConfig = FinalConfig()
+    max_failures: int = field(default=2, metadata={"ge": 0})
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("datasets: name at least one dataset")
+        for i, d in enumerate(self.datasets):
+            if d not in DATASETS:
+                raise ValueError(f"datasets[{i}]: unknown dataset {d!r}{did_you_mean(d, DATASETS.names())}")
+        for i, m in enumerate(self.methods):
+            if m not in METHODS:
+                raise ValueError(f"methods[{i}]: unknown method {m!r}{did_you_mean(m, METHODS.names())}")
+        for d in self.per_dataset:
+            if d not in self.datasets:
+                raise ValueError(f"per_dataset.{d}: not one of the sweep's datasets {self.datasets}")
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage or f"results/{self.name}").expanduser().resolve()
+
+    @property
+    def data_path(self) -> Path:
+        return default_data_root(self.data_root)
+
+
+def applies(key: str, method: MethodSpec) -> bool:
+    """Whether a searched trainer key changes anything for ``method`` (else it is dropped)."""
+    section = key.split(".")[0]
+    if not method.train:
+        return section in ("model", "data", "eval")
+    if section == "fusion":
+        return method.fusion == "attention"
+    return True
+
+
+def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str, Any], seed: int | None = None) -> TrainConfig:
+    """The trainer config of one trial: base, dataset, method, searched values, seed."""
+    data = {"dataset": dataset, "data_root": str(sweep.data_path), "cache_dir": str(sweep.storage_path / "cache")}
+    base = merge(apply_overrides(sweep.base, []), sweep.per_dataset.get(dataset, {}))
+    base = merge(base, {"data": data, "method": method})
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in params.items()]
+    if seed is not None:
+        overrides.append(f"runtime.seed={seed}")
+    return resolve(apply_overrides(base, overrides), f"{dataset}/{method}")
+
+
+def load_sweep(file: str | Path) -> SweepConfig:
+    """Load and validate a sweep file; every error starts with the file and the key path."""
+    file = Path(file)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: sweep file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping")
+    try:
+        sweep = from_dict(SweepConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    for key, spec in sweep.search_space.items():
+        for value in spec.samples():
+            try:
+                trial_config(sweep, sweep.datasets[0], "indivaid", {key: value})
+            except ConfigError as e:
+                msg = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
+                raise ConfigError(f"{file}: search_space.{key}: {msg}") from None
+    if sweep.scheduler.kind == "asha":
+        probe = trial_config(sweep, sweep.datasets[0], "indivaid", {})
+        if sweep.scheduler.grace_period < probe.stage2.warmup_epochs:
+            raise ConfigError(f"{file}: scheduler.grace_period: {sweep.scheduler.grace_period} is shorter than the "
+                              f"stage-2 warm-up ({probe.stage2.warmup_epochs} epochs); ASHA would judge warming-up trials")
+    return sweep

@@ -1,0 +1,413 @@
+"""``python -m harness.sweep FILE``: Ray Tune + Optuna (+ ASHA) over datasets x methods.
+
+One Tune experiment per (phase, dataset, method): the search phase optimises the validation
+metric with Optuna TPE under a concurrency limit and ASHA (time = stage-2 epoch); the final phase
+re-runs the best searched config with several seeds and scores it on the test split. Results go
+to ``<storage>/trials.parquet`` (one row per trial), ``best.yaml`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from harness.config import SweepConfig, applies, load_sweep, trial_config
+from indivaid.config import ConfigError, to_dict
+from indivaid.data.adapters import make_adapter
+from indivaid.data.catalogue import DataError
+from indivaid.methods import METHODS
+from indivaid.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+console = Console()
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Experiment:
+    phase: str
+    dataset: str
+    method: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase}-{self.dataset}-{self.method}"
+
+
+def missing_datasets(sweep: SweepConfig) -> list[tuple[str, str]]:
+    """(dataset, where it was looked for) for each dataset whose files are absent."""
+    out = []
+    for d in sweep.datasets:
+        if d == "synthetic":
+            continue  # generated on first use
+        data = sweep.per_dataset.get(d, {}).get("data", {})
+        path = data.get("path")
+        adapter = make_adapter(d, **data.get("options", {}))
+        where = Path(path) if path else adapter.default_path(sweep.data_path)
+        if not where.exists():
+            out.append((d, str(where)))
+    return out
+
+
+def search_space(sweep: SweepConfig, method: str) -> dict[str, Any]:
+    from ray import tune
+
+    spec = METHODS.get(method)
+    space = {}
+    for key, p in sweep.search_space.items():
+        if not applies(key, spec):
+            continue  # e.g. fusion.heads for clipreid: nothing to search
+        if p.kind == "loguniform":
+            space[key] = tune.loguniform(p.low, p.high)
+        elif p.kind == "uniform":
+            space[key] = tune.uniform(p.low, p.high)
+        elif p.kind == "int":
+            space[key] = tune.randint(int(p.low), int(p.high) + 1)
+        else:
+            space[key] = tune.choice(list(p.values or []))
+    return space
+
+
+def plan(sweep: SweepConfig) -> list[tuple[Experiment, int]]:
+    """Experiments and their trial counts: search (num_samples; 1 for zeroshot) then final."""
+    rows = []
+    for d in sweep.datasets:
+        for m in sweep.methods:
+            trains = METHODS.get(m).train
+            rows.append((Experiment("search", d, m), sweep.search.num_samples if trains and search_space(sweep, m) else 1))
+            if sweep.final.seeds:
+                rows.append((Experiment("final", d, m), sweep.final.seeds if trains else 1))
+    return rows
+
+
+def print_plan(sweep: SweepConfig) -> None:
+    table = Table(title=f"sweep {sweep.name}: storage {sweep.storage_path}")
+    for c in ("phase", "dataset", "method", "trials", "searched keys", "resources / trial"):
+        table.add_column(c)
+    res = sweep.resources
+    per = f"{res.cpus:g} CPU, {res.gpus:g} GPU" + (f", {res.workers} DDP workers" if res.workers else "") + \
+        "".join(f", {v:g} {k}" for k, v in res.custom.items())
+    total = 0
+    for exp, n in plan(sweep):
+        keys = ", ".join(search_space(sweep, exp.method)) if exp.phase == "search" else "best config, seeds"
+        table.add_row(exp.phase, exp.dataset, exp.method, str(n), keys or "-", per)
+        total += n
+    console.print(table)
+    console.print(f"{total} trainings in all")
+
+
+class PruningAwareOptuna:
+    """Factory for an OptunaSearch that records ASHA-stopped trials as PRUNED, not COMPLETE.
+
+    Without it, Optuna's TPE would treat a trial stopped at its first ASHA rung as a finished
+    run with a (low) final value and learn from it as if it were comparable to full runs.
+    """
+
+    @staticmethod
+    def make(space: dict, metric: str, seed: int, startup: int, max_t: int):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        class _Search(OptunaSearch):
+            def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+                if result and not error and result.get("s2_epoch", max_t) < max_t and trial_id in self._ot_trials:
+                    if trial_id in self._completed_trials:
+                        return
+                    ot_trial = self._ot_trials[trial_id]
+                    try:  # intermediate values were already reported by on_trial_result
+                        self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                    except Exception as e:  # a NaN metric, say: keep the sweep going
+                        log.warning("could not record pruned trial %s: %s", trial_id, e)
+                    self._completed_trials.add(trial_id)
+                    return
+                super().on_trial_complete(trial_id, result, error)
+
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+        return _Search(metric=metric, mode="max", sampler=sampler)  # the space comes through param_space
+
+
+def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str, Any] | None, resume: bool) -> None:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from harness.trial import run_trial
+
+    storage = sweep.storage_path
+    exp_dir = storage / exp.name
+    res = sweep.resources
+    resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method, phase=exp.phase,
+                             seed=0),
+        resources)
+    if exp.phase == "final":
+        # One trial per seed: the seed is the searched dimension, so grid over it.
+        trainable = tune.with_resources(
+            tune.with_parameters(_final_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method,
+                                 params=params or {}), resources)
+    if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
+        if not resume:
+            raise SystemExit(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True, restart_errored=False)
+        tuner.fit()
+        return
+    metric = sweep.search.metric
+    space = search_space(sweep, exp.method) if exp.phase == "search" else {"seed": tune.grid_search(list(range(n)))}
+    probe = trial_config(sweep, exp.dataset, exp.method, {})
+    tune_cfg: dict[str, Any] = {"num_samples": n if exp.phase == "search" else 1, "metric": metric, "mode": "max"}
+    if exp.phase == "search" and space:
+        search = PruningAwareOptuna.make(space, metric, sweep.search.seed, sweep.search.startup_trials, probe.stage2.epochs)
+        tune_cfg["search_alg"] = ConcurrencyLimiter(search, max_concurrent=sweep.search.max_concurrent)
+        if sweep.scheduler.kind == "asha" and METHODS.get(exp.method).train:
+            # max_t one past the last epoch: a trial that reaches its budget ends by itself (writing its
+            # result and inference checkpoint) instead of being stopped by the scheduler at its last report.
+            tune_cfg["scheduler"] = ASHAScheduler(time_attr="s2_epoch", max_t=probe.stage2.epochs + 1,
+                                                  grace_period=sweep.scheduler.grace_period,
+                                                  reduction_factor=sweep.scheduler.reduction_factor)
+    else:
+        tune_cfg["max_concurrent_trials"] = sweep.search.max_concurrent
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(**tune_cfg),
+        run_config=tune.RunConfig(name=exp.name, storage_path=str(storage), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
+    )
+    tuner.fit()
+
+
+def _final_trial(config: dict[str, Any], *, sweep: dict, dataset: str, method: str, params: dict[str, Any]) -> None:
+    from harness.trial import run_trial
+
+    run_trial(params, sweep=sweep, dataset=dataset, method=method, phase="final", seed=int(config["seed"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def collect(sweep: SweepConfig) -> pl.DataFrame:
+    """One row per trial from the trial directories (works on partial and resumed sweeps)."""
+    rows = []
+    for info_file in sorted(sweep.storage_path.glob("*/*/trial.json")):
+        info = _json(info_file)
+        run = info_file.parent / "run"
+        result = _json(run / "result.json")
+        progress = _last_progress(info_file.parent)
+        cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
+        row: dict[str, Any] = {
+            "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
+            "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
+            "split_hash": result.get("split_hash") or _split_hash(run / "split.csv"), "protocol": _protocol(run / "split.csv"),
+            "status": "completed" if result else ("stopped" if progress else "error"),
+            "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"]),
+            "epochs_run": int(progress.get("s2_epoch", 0) or 0),
+            "wall_s": result.get("wall_s", time.time() - info["started"] if not result else None),
+            "gpu_s": (result.get("wall_s") or 0.0) * sweep.resources.gpus * max(1, sweep.resources.workers),
+            "images_per_s": result.get("images_per_s"),
+            "error": _error(info_file.parent),
+            "created_at": info["started"],
+            "config_path": str(run / "config.json"), "split_path": str(run / "split.csv"),
+            "checkpoint_path": result.get("checkpoint"),
+        }
+        for k, v in info["params"].items():
+            row[f"param.{k}"] = v
+        for k in ("mAP", "rank1", "rank5", "rank10", "mINP"):
+            row[f"val_{k}"] = (result.get("val") or {}).get(k, progress.get(f"val_{k}"))
+            row[f"test_{k}"] = (result.get("test") or {}).get(k) if result.get("test") else None
+        row["best_val_mAP"] = max([h.get("val_mAP", 0.0) for h in result.get("history", [])] or [row["val_mAP"] or 0.0])
+        rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+def _last_progress(trial_dir: Path) -> dict:
+    lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _split_hash(split_file: Path) -> str | None:
+    from indivaid.data.split import read_split
+
+    try:
+        return read_split(split_file).hash
+    except (DataError, OSError):
+        return None
+
+
+def _protocol(split_file: Path) -> str | None:
+    if not split_file.is_file():
+        return None
+    for line in split_file.read_text().splitlines()[:12]:
+        if line.startswith("# protocol: "):
+            return line.split(": ", 1)[1]
+    return None
+
+
+def _stop_reason(result: dict, progress: dict, max_epochs: int, method: str) -> str:
+    if result:
+        return "completed"
+    if progress and int(progress.get("s2_epoch", 0) or 0) < max_epochs and method != "zeroshot":
+        return "asha_stopped"
+    return "error"
+
+
+def _error(trial_dir: Path) -> str | None:
+    err = trial_dir / "error.txt"
+    return err.read_text()[-2000:] if err.is_file() else None
+
+
+def write_results(sweep: SweepConfig, table: pl.DataFrame) -> Path:
+    out = sweep.storage_path / "trials.parquet"
+    tmp = out.with_suffix(".parquet.tmp")
+    table.write_parquet(tmp)
+    os.replace(tmp, out)
+    best = {}
+    if table.height:
+        search = table.filter((pl.col("phase") == "search") & pl.col("val_mAP").is_not_null())
+        for (d, m), grp in search.group_by(["dataset", "method"], maintain_order=True):
+            top = grp.sort("best_val_mAP", descending=True).row(0, named=True)
+            best[f"{d}/{m}"] = {"trial_id": top["trial_id"], "val_mAP": top["best_val_mAP"],
+                                "params": {k.removeprefix("param."): v for k, v in top.items() if k.startswith("param.") and v is not None}}
+    atomic_write_text(sweep.storage_path / "best.yaml", yaml.safe_dump(best, sort_keys=True))
+    atomic_write_text(sweep.storage_path / "manifest.json", json.dumps(manifest(sweep), indent=2))
+    return out
+
+
+def manifest(sweep: SweepConfig) -> dict[str, Any]:
+    import subprocess
+    from importlib.metadata import version
+
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"schema_version": SCHEMA_VERSION, "sweep": to_dict(sweep), "indivaid": version("indivaid"),
+            "torch": torch.__version__, "open_clip": version("open_clip_torch"), "ray": ray.__version__,
+            "git_commit": commit, "written_at": time.time()}
+
+
+def best_params(sweep: SweepConfig, dataset: str, method: str) -> dict[str, Any]:
+    table = collect(sweep)
+    if not table.height:
+        return {}
+    grp = table.filter((pl.col("phase") == "search") & (pl.col("dataset") == dataset) & (pl.col("method") == method)
+                       & pl.col("val_mAP").is_not_null())
+    if not grp.height:
+        return {}
+    top = grp.sort("best_val_mAP", descending=True).row(0, named=True)
+    return {k.removeprefix("param."): v for k, v in top.items() if k.startswith("param.") and v is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def init_ray(address: str | None, storage: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # Short temp dir: AF_UNIX socket paths are limited to 107 bytes.
+        tmp = Path(tempfile.gettempdir()) / f"ray-{os.getuid()}"
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, _temp_dir=str(tmp))
+        if getattr(ctx, "dashboard_url", None):
+            console.print(f"Ray dashboard: http://{ctx.dashboard_url}")
+
+
+def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = False, only: list[str] | None = None,
+              skip_missing: bool = False) -> Path:
+    missing = missing_datasets(sweep)
+    if missing and not skip_missing:
+        raise DataError("missing datasets (download and prepare them, or pass --skip-missing):\n  " +
+                        "\n  ".join(f"{d}: {w}" for d, w in missing))
+    skip = {d for d, _ in missing} | ({d for d in sweep.datasets if d not in only} if only else set())
+    sweep.storage_path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep.storage_path / "sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
+    init_ray(address, sweep.storage_path)
+    for exp, n in plan(sweep):
+        if exp.dataset in skip:
+            continue
+        params = best_params(sweep, exp.dataset, exp.method) if exp.phase == "final" else None
+        console.print(f"[bold]{exp.name}[/]: {n} trial(s)" + (f", best config {params}" if params else ""))
+        run_experiment(sweep, exp, n, params, resume)
+        write_results(sweep, collect(sweep))
+    table = collect(sweep)
+    out = write_results(sweep, table)
+    summary(table)
+    return out
+
+
+def summary(table: pl.DataFrame) -> None:
+    if not table.height:
+        console.print("no trials")
+        return
+    t = Table(title="sweep summary (validation mAP %, best per dataset x method; test from the final phase)")
+    for c in ("dataset", "method", "trials", "stopped early", "errors", "best val mAP", "final test mAP"):
+        t.add_column(c)
+    for (d, m), g in table.group_by(["dataset", "method"], maintain_order=True):
+        final = g.filter(pl.col("phase") == "final")["test_mAP"].drop_nulls()
+        t.add_row(d, m, str(g.height), str((g["stop_reason"] == "asha_stopped").sum()), str((g["status"] == "error").sum()),
+                  f"{100 * (g['best_val_mAP'].max() or 0):.1f}",
+                  f"{100 * final.mean():.1f} ± {100 * (final.std() or 0):.1f} (n={final.len()})" if final.len() else "—")
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file")
+    ap.add_argument("--address", help="join a Ray cluster (auto, or ray://host:port); default: local Ray")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--only", nargs="+", metavar="DATASET", help="run these datasets only")
+    ap.add_argument("--skip-missing", action="store_true", help="skip datasets whose files are absent")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sweep = load_sweep(args.file)
+        if args.dry_run:
+            print_plan(sweep)
+            return 0
+        out = run_sweep(sweep, address=args.address, resume=args.resume, only=args.only, skip_missing=args.skip_missing)
+        console.print(f"results: {out}")
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Sweep files: validated against the trainer config when they load; one clear error line each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import load_sweep, trial_config
+from harness.sweep import main, plan, search_space
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = """
+name: t
+datasets: [synthetic]
+methods: [indivaid, clipreid, zeroshot]
+base: {preset: tiny}
+search_space:
+  stage2.lr: {kind: loguniform, low: 0.0001, high: 0.01}
+  fusion.heads: {kind: choice, values: [1, 2]}
+search: {num_samples: 3}
+scheduler: {grace_period: 4}
+final: {seeds: 2}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "s.yaml"
+    f.write_text(text)
+    return f
+
+
+def test_shipped_sweep_files_load():
+    for name in ("smoke", "full", "ablation"):
+        load_sweep(ROOT / "sweeps" / f"{name}.yaml")
+
+
+def test_plan_drops_keys_that_do_not_apply_and_counts_trials(tmp_path: Path):
+    sweep = load_sweep(write(tmp_path, GOOD))
+    assert set(search_space(sweep, "indivaid")) == {"stage2.lr", "fusion.heads"}
+    assert set(search_space(sweep, "clipreid")) == {"stage2.lr"}  # no fusion in CLIP-ReID
+    assert search_space(sweep, "zeroshot") == {}
+    counts = {(e.phase, e.method): n for e, n in plan(sweep)}
+    assert counts == {("search", "indivaid"): 3, ("final", "indivaid"): 2, ("search", "clipreid"): 3,
+                      ("final", "clipreid"): 2, ("search", "zeroshot"): 1, ("final", "zeroshot"): 1}
+    cfg = trial_config(sweep, "synthetic", "indivaid", {"stage2.lr": 0.002, "fusion.heads": 1}, seed=7)
+    assert (cfg.stage2.lr, cfg.fusion.heads, cfg.runtime.seed, cfg.model.backbone) == (0.002, 1, 7, "tiny")
+
+
+@pytest.mark.parametrize("change, message", [
+    (("search: {num_samples: 3}", "serch: {num_samples: 3}"), "serch: unknown key (did you mean 'search'?)"),
+    (("stage2.lr:", "stage2.lrr:"), "search_space.stage2.lrr: stage2.lrr: unknown key (did you mean 'lr'?)"),
+    (("low: 0.0001, high: 0.01", "low: 0.01, high: 0.0001"), "search_space.stage2.lr: loguniform needs low < high"),
+    (("values: [1, 2]", "values: [1, 3]"), "search_space.fusion.heads"),
+    (("[synthetic]", "[atrv]"), "datasets[0]: unknown dataset 'atrv' (did you mean 'atrw'?)"),
+    (("grace_period: 4", "grace_period: 1"), "shorter than the stage-2 warm-up"),
+])
+def test_bad_sweep_files_give_one_clear_error(tmp_path: Path, capsys, change, message):
+    f = write(tmp_path, GOOD.replace(*change))
+    assert main([str(f), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {f}:") and message in err and len(err.splitlines()) == 1
+
+
+def test_missing_dataset_is_reported_before_anything_starts(tmp_path: Path, capsys):
+    f = write(tmp_path, GOOD.replace("[synthetic]", "[atrw, lion]") + f"data_root: {tmp_path / 'nowhere'}\n"
+              f"storage: {tmp_path / 'results'}\n")
+    assert main([str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "missing datasets" in err and "atrw" in err and "lion" in err and "--skip-missing" in err
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,66 @@
+"""A real (local) Ray Tune + Optuna + ASHA sweep of the tiny trainer, end to end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from conftest import SMALL
+
+from harness.config import load_sweep
+from harness.sweep import run_sweep
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=f"/tmp/ray-test-{os.getpid()}")
+    yield
+    ray.shutdown()
+
+
+def sweep_file(tmp_path: Path, data_root: Path, **extra) -> Path:
+    doc = {
+        "name": "t", "storage": str(tmp_path / "results"), "data_root": str(data_root),
+        "datasets": ["synthetic"], "methods": ["indivaid", "clipreid", "zeroshot"],
+        "base": {"preset": "tiny", "model": {"input_size": [32, 64]},
+                 "stage1": {"epochs": 1, "min_steps": 0, "batch_p": 8},
+                 "stage2": {"epochs": 4, "warmup_epochs": 1, "batch_p": 8},
+                 "eval": {"every": 1}, "checkpoint": {"every": 1}, "runtime": {"threads": 1}},
+        "per_dataset": {"synthetic": {"data": {"options": dict(SMALL)}}},
+        "search_space": {"stage2.lr": {"kind": "loguniform", "low": 1e-4, "high": 3e-3},
+                         "fusion.heads": {"kind": "choice", "values": [1, 2]}},
+        "search": {"num_samples": 3, "max_concurrent": 1, "startup_trials": 1},
+        "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+        "final": {"seeds": 2},
+        **extra,
+    }
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return f
+
+
+@pytest.mark.timeout(600)
+def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
+    sweep = load_sweep(sweep_file(tmp_path, data_root))
+    out = run_sweep(sweep)
+    t = pl.read_parquet(out)
+    search = t.filter(pl.col("phase") == "search")
+    assert search.filter(pl.col("method") == "indivaid").height == 3
+    assert search.filter(pl.col("method") == "clipreid").height == 3
+    assert set(search["stop_reason"]) <= {"completed", "asha_stopped"}
+    assert (search["stop_reason"] == "completed").sum() >= 2
+    assert search.filter(pl.col("method") == "clipreid")["param.fusion.heads"].is_null().all()  # dropped for it
+    final = t.filter(pl.col("phase") == "final")
+    assert sorted(final.filter(pl.col("method") == "indivaid")["seed"].to_list()) == [0, 1]
+    assert final["test_mAP"].is_not_null().all() and search["test_mAP"].is_null().all()  # test only in final
+    assert t["split_hash"].n_unique() == 1 and set(t["protocol"]) == {"market1501"}
+    assert all(Path(p).is_file() for p in final["checkpoint_path"].to_list())
+    best = yaml.safe_load((sweep.storage_path / "best.yaml").read_text())
+    assert set(best) == {"synthetic/indivaid", "synthetic/clipreid", "synthetic/zeroshot"}
+    assert (sweep.storage_path / "manifest.json").is_file()
