@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from indivaid.config import ConfigError, apply_overrides, from_dict
+from indivaid.config import ConfigError, apply_overrides, from_dict, read_mapping
 from indivaid.data.adapters import DATASETS
 from indivaid.methods import METHODS, MethodSpec
 from indivaid.registry import did_you_mean
@@ -145,14 +145,7 @@ def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str
 def load_sweep(file: str | Path) -> SweepConfig:
     """Load and validate a sweep file; every error starts with the file and the key path."""
     file = Path(file)
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: sweep file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{file}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping")
+    raw = read_mapping(file)
     try:
         sweep = from_dict(SweepConfig, raw)
     except ConfigError as e:

@@ -149,7 +149,8 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     storage = sweep.storage_path
     exp_dir = storage / exp.name
     res = sweep.resources
-    resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom}
+    # workers >= 1: the trial itself only drives a TorchTrainer, whose workers hold the resources.
+    resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers == 0 else {"cpu": 0.01}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method, phase=exp.phase,
                              seed=0),

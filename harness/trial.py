@@ -29,6 +29,9 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
             "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
     atomic_write_text(trial_dir / "trial.json", json.dumps(info, indent=2, default=str))
     cfg = trial_config(cfg_sweep, dataset, method, params, seed)
+    if cfg_sweep.resources.workers > 0:
+        _fit_with_ray_train(cfg, cfg_sweep, trial_dir, ctx.get_trial_id(), phase == "final")
+        return
 
     def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
         tune.report(dict(metrics))
@@ -39,3 +42,40 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
     last = dict(res.history[-1])
     last.update({f"val_{k}": v for k, v in res.val.items() if k in ("mAP", "rank1", "rank5", "rank10", "mINP")})
     tune.report(last)  # the final validation of the finished model (same s2_epoch: ASHA sees no new rung)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: torch.distributed is set up, so the trainer runs DDP."""
+    import ray.train
+
+    from indivaid.training import resolve
+
+    cfg = resolve(config["train_config"])
+    train(cfg, workdir=config["workdir"], report=lambda m, checkpoint=None: ray.train.report(dict(m)),
+          evaluate_test=config["evaluate_test"])
+
+
+def _fit_with_ray_train(cfg, sweep: SweepConfig, trial_dir: Path, trial_id: str, evaluate_test: bool) -> None:
+    """``workers >= 1``: a TorchTrainer inside the Tune trial (Tune cannot wrap a Trainer directly).
+
+    Only rank 0's metrics reach Tune, through TuneReportCallback. The Train run is named after the
+    Tune trial id, so a restored trial resumes the same run rather than starting a new one.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from indivaid.config import to_dict
+
+    res = sweep.resources
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"train_config": to_dict(cfg), "workdir": str(trial_dir / "run"), "evaluate_test": evaluate_test},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
+                                               resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {}),
+                                                                     **res.custom}),
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=str(trial_dir.resolve() / "ray_train"),
+                                       callbacks=[TuneReportCallback()],
+                                       failure_config=ray.train.FailureConfig(max_failures=sweep.max_failures)),
+    )
+    trainer.fit()

@@ -182,17 +182,23 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def load_yaml(cls: type[T], file: str | Path, overrides: Sequence[str] = ()) -> T:
-    """Load ``file`` into ``cls``; errors are prefixed with the file name."""
+def read_mapping(file: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file or bad YAML is a ConfigError naming it."""
     file = Path(file)
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{file}: config file not found") from None
+        raise ConfigError(f"{file}: file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{file}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of keys")
+    return data
+
+
+def load_yaml(cls: type[T], file: str | Path, overrides: Sequence[str] = ()) -> T:
+    """Load ``file`` into ``cls``; errors are prefixed with the file name."""
+    data = read_mapping(file)
     try:
         return from_dict(cls, apply_overrides(data, overrides))
     except ConfigError as e:

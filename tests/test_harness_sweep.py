@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +20,9 @@ def ray_local():
     import ray
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=f"/tmp/ray-test-{os.getpid()}")
+    # The dashboard (ray[default]) must run: without it, placement groups of ASHA-stopped Train runs leak.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             _temp_dir=f"/tmp/ray-test-{os.getpid()}")
     yield
     ray.shutdown()
 
@@ -64,3 +67,25 @@ def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     best = yaml.safe_load((sweep.storage_path / "best.yaml").read_text())
     assert set(best) == {"synthetic/indivaid", "synthetic/clipreid", "synthetic/zeroshot"}
     assert (sweep.storage_path / "manifest.json").is_file()
+
+
+@pytest.mark.timeout(600)
+def test_torchtrainer_path_runs_ddp_workers_and_releases_resources(ray_local, data_root: Path, tmp_path: Path):
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    f = sweep_file(tmp_path, data_root, methods=["clipreid"], resources={"cpus": 1, "workers": 1},
+                   search={"num_samples": 2, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
+    out = run_sweep(load_sweep(f))
+    t = pl.read_parquet(out)
+    assert t.height == 2 and set(t["stop_reason"]) <= {"completed", "asha_stopped"}
+    assert (t["stop_reason"] == "completed").sum() >= 1
+    # every placement group of the sweep's trials and Train workers is removed (asynchronously)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        states = [pg["state"] for pg in placement_group_table().values()]
+        if all(s == "REMOVED" for s in states):
+            break
+        time.sleep(1)
+    assert all(s == "REMOVED" for s in states), states
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(ray.cluster_resources()["CPU"])

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from indivaid.config import ConfigError, apply_overrides, from_dict
+from indivaid.config import ConfigError, apply_overrides, from_dict, read_mapping
 from indivaid.data.augment import AugmentConfig
 from indivaid.data.split import SplitConfig
 from indivaid.registry import did_you_mean
@@ -177,12 +177,5 @@ def resolve(data: dict[str, Any], source: str = "config") -> TrainConfig:
 
 
 def load_config(file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if file is not None:
-        try:
-            data = yaml.safe_load(Path(file).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{file}: config file not found") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: the top level must be a mapping")
+    data = read_mapping(file) if file is not None else {}
     return resolve(apply_overrides(data, list(overrides)), str(file or "--set"))
