@@ -41,7 +41,7 @@ from indivaid.training.config import TrainConfig
 from indivaid.training.runtime import Runtime, resolve_runtime, seed_everything
 from indivaid.training.schedule import cosine_with_warmup, milestone_epochs, warmup_multistep
 from indivaid.training.system import ReIDSystem
-from indivaid.utils.io import atomic_write_text, data_root, sha256_file, stable_hash
+from indivaid.utils.io import atomic_write_text, data_root, file_lock, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,14 @@ def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, ima
     path = cache_root(cfg) / f"features-{key}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
+    with file_lock(path.with_name(f".{path.name}.lock")):  # concurrent trials compute it once
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return _compute_frozen_features(system, cfg, split, images, rt, path)
+
+
+def _compute_frozen_features(system: ReIDSystem, cfg: TrainConfig, split: Split, images: ImageCache, rt: Runtime,
+                             path: Path) -> dict[str, Tensor]:
     rows = images.rows(split.table["image_id"].to_list())
     src = ImageSource(images, rows, rt.device, 0)
     system.eval()
@@ -164,8 +172,7 @@ def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, ima
             f12.append(f.f12.float().cpu())
             fproj.append(f.fproj.float().cpu())
     feats = {"f12": torch.cat(f12), "fproj": torch.cat(fproj), "image_ids": split.table["image_id"].to_list()}
-    if rt.is_main:
-        ckpt.save(feats, path)
+    ckpt.save(feats, path)  # atomic: ranks that computed it too write the same bytes
     log.info("cached frozen image features of %d images: %s", len(rows), path.name)
     return feats
 
