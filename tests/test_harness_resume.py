@@ -1,0 +1,42 @@
+"""Kill the sweep driver mid-sweep, then ``--resume``: finished trials are not re-run, nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from test_harness_sweep import sweep_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(900)
+def test_killed_driver_resumes_without_rerunning_finished_trials(data_root: Path, tmp_path: Path):
+    f = sweep_file(tmp_path, data_root, methods=["clipreid", "zeroshot"],
+                   search={"num_samples": 2, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
+    storage = tmp_path / "results"
+    env = {**os.environ, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "harness.sweep", str(f)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (storage / "search-synthetic-zeroshot").exists():
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    assert not (storage / "trials.parquet").exists() or pl.read_parquet(storage / "trials.parquet").height < 3
+    finished = {p: p.stat().st_mtime_ns for p in storage.glob("search-synthetic-clipreid/*/run/result.json")}
+    assert finished  # the first experiment's trials had finished
+    resumed = subprocess.run([sys.executable, "-m", "harness.sweep", str(f), "--resume"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    t = pl.read_parquet(storage / "trials.parquet")
+    assert t.filter(pl.col("method") == "clipreid").height == 2 and t.filter(pl.col("method") == "zeroshot").height == 1
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not re-run
+    assert (t["status"] != "error").all()
