@@ -222,8 +222,10 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
             "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
             "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
             "split_hash": result.get("split_hash") or _split_hash(run / "split.csv"), "protocol": _protocol(run / "split.csv"),
-            "status": "completed" if result else ("stopped" if progress else "error"),
-            "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"]),
+            "status": "completed" if result else ("error" if (info_file.parent / "error.txt").is_file()
+                                                  else ("stopped" if progress else "error")),
+            "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"],
+                                        (info_file.parent / "error.txt").is_file()),
             "epochs_run": int(progress.get("s2_epoch", 0) or 0),
             "wall_s": result.get("wall_s", time.time() - info["started"] if not result else None),
             "gpu_s": (result.get("wall_s") or 0.0) * sweep.resources.gpus * max(1, sweep.resources.workers),
@@ -266,17 +268,23 @@ def _protocol(split_file: Path) -> str | None:
     return None
 
 
-def _stop_reason(result: dict, progress: dict, max_epochs: int, method: str) -> str:
+def _stop_reason(result: dict, progress: dict, max_epochs: int, method: str, failed: bool = False) -> str:
     if result:
         return "completed"
+    if failed:
+        return "error"
     if progress and int(progress.get("s2_epoch", 0) or 0) < max_epochs and method != "zeroshot":
         return "asha_stopped"
     return "error"
 
 
 def _error(trial_dir: Path) -> str | None:
+    """The exception line of a failed trial (the full traceback stays in its error.txt)."""
     err = trial_dir / "error.txt"
-    return err.read_text()[-2000:] if err.is_file() else None
+    if not err.is_file():
+        return None
+    lines = [ln.strip() for ln in err.read_text().splitlines() if ln.strip()]
+    return lines[-1][:2000] if lines else "failed (empty error.txt)"
 
 
 def write_results(sweep: SweepConfig, table: pl.DataFrame) -> Path:

@@ -22,12 +22,14 @@ from harness.config import SweepConfig, trial_config
 
 def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, method: str, phase: str, seed: int) -> None:
     """Tune function trainable (``workers: 0``): trains in the trial process and reports every epoch."""
-    cfg_sweep = from_dict(SweepConfig, sweep)
     ctx = tune.get_context()
     trial_dir = Path(ctx.get_trial_dir())
-    info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
-            "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
-    atomic_write_text(trial_dir / "trial.json", json.dumps(info, indent=2, default=str))
+    info_file = trial_dir / "trial.json"
+    if not info_file.is_file():  # first, so that a trial failing at any later point is still a row
+        info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
+                "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
+        atomic_write_text(info_file, json.dumps(info, indent=2, default=str))
+    cfg_sweep = from_dict(SweepConfig, sweep)
     cfg = trial_config(cfg_sweep, dataset, method, params, seed)
     if cfg_sweep.resources.workers > 0:
         _fit_with_ray_train(cfg, cfg_sweep, trial_dir, ctx.get_trial_id(), phase == "final")

@@ -89,3 +89,16 @@ def test_torchtrainer_path_runs_ddp_workers_and_releases_resources(ray_local, da
         time.sleep(1)
     assert all(s == "REMOVED" for s in states), states
     assert ray.available_resources().get("CPU", 0) == pytest.approx(ray.cluster_resources()["CPU"])
+
+
+@pytest.mark.timeout(600)
+def test_failing_trial_is_a_row_with_its_reason_and_the_rest_finish(ray_local, data_root: Path, tmp_path: Path):
+    f = sweep_file(tmp_path, data_root, methods=["clipreid", "zeroshot"], max_failures=1,
+                   search_space={"stage1.lr": {"kind": "choice", "values": [1e30]}, "model.similarity": {"kind": "choice", "values": ["dot"]}},
+                   search={"num_samples": 1, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
+    t = pl.read_parquet(run_sweep(load_sweep(f)))
+    bad = t.filter(pl.col("method") == "clipreid").row(0, named=True)
+    assert bad["status"] == "error" and bad["stop_reason"] == "error"
+    assert "TrainingError: stage 1, epoch 1: loss term" in bad["error"]
+    good = t.filter(pl.col("method") == "zeroshot").row(0, named=True)
+    assert good["status"] == "completed" and good["val_mAP"] > 0
