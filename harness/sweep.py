@@ -394,6 +394,37 @@ def summary(table: pl.DataFrame) -> None:
     console.print(t)
 
 
+def reproduce(sweep: SweepConfig, trial_id: str) -> dict[str, Any]:
+    """Re-run one recorded trial from its resolved config and split file; recorded vs new metrics."""
+    from indivaid.config import from_dict
+    from indivaid.training import TrainConfig, train
+
+    for info_file in sweep.storage_path.glob("*/*/trial.json"):
+        info = _json(info_file)
+        if info.get("trial_id") == trial_id:
+            break
+    else:
+        raise ConfigError(f"no trial {trial_id!r} under {sweep.storage_path} (see trials.parquet's trial_id)")
+    run = info_file.parent / "run"
+    if not (run / "config.json").is_file() or not (run / "split.csv").is_file():
+        raise ConfigError(f"trial {trial_id} has no recorded config or split under {run}")
+    data = json.loads((run / "config.json").read_text())
+    data["data"]["split_file"] = str(run / "split.csv")
+    cfg = from_dict(TrainConfig, data)
+    workdir = sweep.storage_path / "reproduce" / f"{trial_id}-{int(time.time())}"
+    res = train(cfg, workdir=workdir, evaluate_test=info["phase"] == "final")
+    recorded = _json(run / "result.json")
+    out = {"trial_id": trial_id, "workdir": str(workdir), "recorded_val": recorded.get("val"), "val": res.val,
+           "recorded_test": recorded.get("test"), "test": res.test}
+    table = Table(title=f"reproduced trial {trial_id} ({info['dataset']}, {info['method']}, {info['phase']})")
+    for c in ("", "val mAP", "test mAP"):
+        table.add_column(c)
+    for name, v, te in (("recorded", out["recorded_val"], out["recorded_test"]), ("reproduced", res.val, res.test)):
+        table.add_row(name, f"{100 * v['mAP']:.2f}" if v else "—", f"{100 * te['mAP']:.2f}" if te else "—")
+    console.print(table)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -403,12 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--only", nargs="+", metavar="DATASET", help="run these datasets only")
     ap.add_argument("--skip-missing", action="store_true", help="skip datasets whose files are absent")
+    ap.add_argument("--reproduce", metavar="TRIAL_ID", help="re-run one trial from its recorded config and split")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep = load_sweep(args.file)
         if args.dry_run:
             print_plan(sweep)
+            return 0
+        if args.reproduce:
+            reproduce(sweep, args.reproduce)
             return 0
         out = run_sweep(sweep, address=args.address, resume=args.resume, only=args.only, skip_missing=args.skip_missing)
         console.print(f"results: {out}")

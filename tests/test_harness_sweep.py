@@ -102,3 +102,17 @@ def test_failing_trial_is_a_row_with_its_reason_and_the_rest_finish(ray_local, d
     assert "TrainingError: stage 1, epoch 1: loss term" in bad["error"]
     good = t.filter(pl.col("method") == "zeroshot").row(0, named=True)
     assert good["status"] == "completed" and good["val_mAP"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_reproduce_reruns_a_recorded_trial_to_the_same_numbers(ray_local, data_root: Path, tmp_path: Path):
+    from harness.sweep import reproduce
+
+    f = sweep_file(tmp_path, data_root, methods=["zeroshot"], final={"seeds": 1})
+    sweep = load_sweep(f)
+    t = pl.read_parquet(run_sweep(sweep))
+    final = t.filter(pl.col("phase") == "final").row(0, named=True)
+    out = reproduce(sweep, final["trial_id"])
+    assert out["val"]["mAP"] == pytest.approx(final["val_mAP"]) and out["test"]["mAP"] == pytest.approx(final["test_mAP"])
+    with pytest.raises(Exception, match="no trial 'nope'"):
+        reproduce(sweep, "nope")
