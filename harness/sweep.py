@@ -22,6 +22,7 @@ from typing import Any
 import polars as pl
 import yaml
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from harness.config import SweepConfig, applies, load_sweep, trial_config
@@ -135,6 +136,7 @@ class PruningAwareOptuna:
                     return
                 super().on_trial_complete(trial_id, result, error)
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
         return _Search(metric=metric, mode="max", sampler=sampler)  # the space comes through param_space
 
@@ -338,6 +340,48 @@ def best_params(sweep: SweepConfig, dataset: str, method: str) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 
 
+class SweepProgress:
+    """A live view of the sweep from its storage folder: trials by status, best validation mAP
+    per dataset x method, and an ETA from the finished trials' pace (re-read on each refresh)."""
+
+    def __init__(self, sweep: SweepConfig, total: int) -> None:
+        self.sweep, self.total, self.t0 = sweep, total, time.time()
+        self.finished_experiments: set[str] = set()  # their unfinished trials were stopped by ASHA
+
+    def __rich__(self) -> Table:
+        counts: dict[tuple[str, str], dict[str, Any]] = {}
+        for info_file in self.sweep.storage_path.glob("*/*/trial.json"):
+            info = _json(info_file)
+            if not info:
+                continue
+            key = (info["dataset"], info["method"])
+            c = counts.setdefault(key, {"running": 0, "done": 0, "stopped": 0, "error": 0, "best": None})
+            trial = info_file.parent
+            progress = _last_progress(trial)
+            if (trial / "error.txt").is_file():
+                c["error"] += 1
+            elif (trial / "run" / "result.json").is_file():
+                c["done"] += 1
+            elif trial.parent.name in self.finished_experiments:
+                c["stopped"] += 1
+            else:
+                c["running"] += 1
+            v = progress.get("val_mAP")
+            if v is not None and v == v:
+                c["best"] = max(c["best"] or 0.0, v)
+        finished = sum(c["done"] + c["stopped"] + c["error"] for c in counts.values())
+        elapsed = time.time() - self.t0
+        eta = f"{(self.total - finished) * elapsed / finished / 60:.1f} min" if finished else "…"
+        table = Table(title=f"sweep {self.sweep.name}: {finished}/{self.total} trials finished, "
+                            f"{elapsed / 60:.1f} min elapsed, ETA {eta}")
+        for col in ("dataset", "method", "running", "done", "stopped (ASHA)", "errors", "best val mAP"):
+            table.add_column(col)
+        for (d, m), c in sorted(counts.items()):
+            table.add_row(d, m, str(c["running"]), str(c["done"]), str(c["stopped"]), str(c["error"]),
+                          f"{100 * c['best']:.1f}" if c["best"] is not None else "—")
+        return table
+
+
 def init_ray(address: str | None, storage: Path) -> None:
     import ray
 
@@ -345,13 +389,14 @@ def init_ray(address: str | None, storage: Path) -> None:
         return
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console boxes would fight the live table
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # full logs stay in Ray's session folder
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **quiet)
     else:
         # Short temp dir: AF_UNIX socket paths are limited to 107 bytes.
         tmp = Path(tempfile.gettempdir()) / f"ray-{os.getuid()}"
-        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, _temp_dir=str(tmp))
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp), **quiet)
         if getattr(ctx, "dashboard_url", None):
             console.print(f"Ray dashboard: http://{ctx.dashboard_url}")
 
@@ -366,13 +411,15 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     sweep.storage_path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep.storage_path / "sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
     init_ray(address, sweep.storage_path)
-    for exp, n in plan(sweep):
-        if exp.dataset in skip:
-            continue
-        params = best_params(sweep, exp.dataset, exp.method) if exp.phase == "final" else None
-        console.print(f"[bold]{exp.name}[/]: {n} trial(s)" + (f", best config {params}" if params else ""))
-        run_experiment(sweep, exp, n, params, resume)
-        write_results(sweep, collect(sweep))
+    todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
+    progress = SweepProgress(sweep, sum(n for _, n in todo))
+    with Live(progress, console=console, refresh_per_second=0.5, transient=False):
+        for exp, n in todo:
+            params = best_params(sweep, exp.dataset, exp.method) if exp.phase == "final" else None
+            log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
+            run_experiment(sweep, exp, n, params, resume)
+            progress.finished_experiments.add(exp.name)
+            write_results(sweep, collect(sweep))
     table = collect(sweep)
     out = write_results(sweep, table)
     summary(table)
