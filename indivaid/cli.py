@@ -159,7 +159,9 @@ def retrieval_grid(results: list, out: Path, spec) -> None:
     from indivaid.data.imagecache import load_image
 
     rows, cols = len(results), 1 + max(len(r[2]) for r in results)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 2.4 * rows), squeeze=False)
+    cell_w = 1.8
+    cell_h = cell_w * spec.height / spec.width + 0.45  # image at its aspect plus a title line
+    fig, axes = plt.subplots(rows, cols, figsize=(cell_w * cols, cell_h * rows), squeeze=False)
     for i, (qpath, qid, hits) in enumerate(results):
         axes[i][0].imshow(load_image(str(qpath), (None,) * 4, spec).transpose(1, 2, 0))
         axes[i][0].set_title(f"query\n{qid or ''}", fontsize=7)
@@ -167,7 +169,7 @@ def retrieval_grid(results: list, out: Path, spec) -> None:
             ax = axes[i][j]
             ax.imshow(load_image(p, (None,) * 4, spec).transpose(1, 2, 0))
             hit = qid is not None and ident == qid
-            ax.set_title(f"{ident}\n{dd:.2f}", fontsize=7, color="green" if hit else "black")
+            ax.set_title(f"{ident}\n{dd:.3f}", fontsize=7, color="green" if hit else "black")
             for s in ax.spines.values():
                 s.set_edgecolor("green" if hit else ("red" if qid is not None else "grey"))
                 s.set_linewidth(3 if qid is not None else 1)
