@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import make_config, rate, stage1_rates, sync
+from common import make_config, rate, stage1_rates
 from PIL import Image
 
 from indivaid.data import SplitConfig, build_split, open_dataset
@@ -58,13 +58,6 @@ def make_jpegs(root: Path, ids: int, per_id: int) -> None:
         list(pool.map(one, range(ids * per_id)))
 
 
-class _Bench:
-    """Just enough of a training run for the stage-2 step."""
-
-    def __init__(self, cfg, system: ReIDSystem) -> None:
-        self.cfg, self.system = cfg, system
-
-
 def stage2_rates(cfg, rt: Runtime, cache, rows: np.ndarray, labels: np.ndarray, batch: int, seconds: float) -> dict:
     num_ids = int(labels.max()) + 1
     torch.manual_seed(0)
@@ -74,7 +67,7 @@ def stage2_rates(cfg, rt: Runtime, cache, rows: np.ndarray, labels: np.ndarray, 
     desc = pad_descriptions(torch.randn(len(labels), system.image.embed_dim, device=rt.device),
                             torch.from_numpy(labels).to(rt.device), num_ids)
     net = _Stage2Net(system)
-    opt = stage2_optimizer(_Bench(cfg, system))
+    opt = stage2_optimizer(system, cfg.stage2, cfg.fusion.lr_factor)
     y_all = torch.from_numpy(labels).to(rt.device)
     stepper = Stage2Stepper(system, net, opt, ImageSource(cache, rows, rt.device), y_all, None, desc, cfg.stage2, rt)
     sampler = PKSampler(labels, batch // 4, 4, seed=0)

@@ -153,15 +153,13 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     res = sweep.resources
     # workers >= 1: the trial itself only drives a TorchTrainer, whose workers hold the resources.
     resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers == 0 else {"cpu": 0.01}
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method, phase=exp.phase,
-                             seed=0),
-        resources)
-    if exp.phase == "final":
-        # One trial per seed: the seed is the searched dimension, so grid over it.
-        trainable = tune.with_resources(
-            tune.with_parameters(_final_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method,
-                                 params=params or {}), resources)
+    if exp.phase == "final":  # one trial per seed: the seed is the gridded dimension
+        fn = tune.with_parameters(_final_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method,
+                                  params=params or {})
+    else:
+        fn = tune.with_parameters(run_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method,
+                                  phase=exp.phase, seed=0)
+    trainable = tune.with_resources(fn, resources)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if not resume:
             raise SystemExit(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
@@ -218,16 +216,15 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
         info = _json(info_file)
         run = info_file.parent / "run"
         result = _json(run / "result.json")
+        failed = (info_file.parent / "error.txt").is_file()
         progress = _last_progress(info_file.parent)
         cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
         row: dict[str, Any] = {
             "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
             "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
             "split_hash": result.get("split_hash") or _split_hash(run / "split.csv"), "protocol": _protocol(run / "split.csv"),
-            "status": "completed" if result else ("error" if (info_file.parent / "error.txt").is_file()
-                                                  else ("stopped" if progress else "error")),
-            "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"],
-                                        (info_file.parent / "error.txt").is_file()),
+            "status": "completed" if result else ("error" if failed or not progress else "stopped"),
+            "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"], failed),
             "epochs_run": int(progress.get("s2_epoch", 0) or 0),
             "wall_s": result.get("wall_s", time.time() - info["started"] if not result else None),
             "gpu_s": (result.get("wall_s") or 0.0) * sweep.resources.gpus * max(1, sweep.resources.workers),
@@ -294,13 +291,7 @@ def write_results(sweep: SweepConfig, table: pl.DataFrame) -> Path:
     tmp = out.with_suffix(".parquet.tmp")
     table.write_parquet(tmp)
     os.replace(tmp, out)
-    best = {}
-    if table.height:
-        search = table.filter((pl.col("phase") == "search") & pl.col("val_mAP").is_not_null())
-        for (d, m), grp in search.group_by(["dataset", "method"], maintain_order=True):
-            top = grp.sort("best_val_mAP", descending=True).row(0, named=True)
-            best[f"{d}/{m}"] = {"trial_id": top["trial_id"], "val_mAP": top["best_val_mAP"],
-                                "params": {k.removeprefix("param."): v for k, v in top.items() if k.startswith("param.") and v is not None}}
+    best = {f"{d}/{m}": top for (d, m), top in best_search_trials(table).items()}
     atomic_write_text(sweep.storage_path / "best.yaml", yaml.safe_dump(best, sort_keys=True))
     atomic_write_text(sweep.storage_path / "manifest.json", json.dumps(manifest(sweep), indent=2))
     return out
@@ -323,16 +314,17 @@ def manifest(sweep: SweepConfig) -> dict[str, Any]:
             "git_commit": commit, "written_at": time.time()}
 
 
-def best_params(sweep: SweepConfig, dataset: str, method: str) -> dict[str, Any]:
-    table = collect(sweep)
+def best_search_trials(table: pl.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (dataset, method): the search trial with the best validation mAP, and its parameters."""
     if not table.height:
         return {}
-    grp = table.filter((pl.col("phase") == "search") & (pl.col("dataset") == dataset) & (pl.col("method") == method)
-                       & pl.col("val_mAP").is_not_null())
-    if not grp.height:
-        return {}
-    top = grp.sort("best_val_mAP", descending=True).row(0, named=True)
-    return {k.removeprefix("param."): v for k, v in top.items() if k.startswith("param.") and v is not None}
+    best = {}
+    search = table.filter((pl.col("phase") == "search") & pl.col("val_mAP").is_not_null())
+    for (d, m), grp in search.group_by(["dataset", "method"], maintain_order=True):
+        top = grp.sort("best_val_mAP", descending=True).row(0, named=True)
+        best[(d, m)] = {"trial_id": top["trial_id"], "val_mAP": top["best_val_mAP"],
+                        "params": {k.removeprefix("param."): v for k, v in top.items() if k.startswith("param.") and v is not None}}
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,17 +405,20 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     init_ray(address, sweep.storage_path)
     todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
     progress = SweepProgress(sweep, sum(n for _, n in todo))
+    table = collect(sweep)  # a resumed sweep's finished searches pick its final configs
     with Live(progress, console=console, refresh_per_second=0.5, transient=False):
         for exp, n in todo:
-            params = best_params(sweep, exp.dataset, exp.method) if exp.phase == "final" else None
+            params = best_search_trials(table).get((exp.dataset, exp.method), {}).get("params") \
+                if exp.phase == "final" else None
             log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
             run_experiment(sweep, exp, n, params, resume)
             progress.finished_experiments.add(exp.name)
-            write_results(sweep, collect(sweep))
-    table = collect(sweep)
-    out = write_results(sweep, table)
+            table = collect(sweep)
+            write_results(sweep, table)  # after every experiment: a killed driver loses no finished rows
+    if not todo:
+        write_results(sweep, table)
     summary(table)
-    return out
+    return sweep.storage_path / "trials.parquet"
 
 
 def summary(table: pl.DataFrame) -> None:

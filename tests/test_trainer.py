@@ -156,19 +156,14 @@ def test_killed_run_resumes_to_identical_metrics(data_root: Path, tmp_path: Path
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory: pytest.TempPathFactory):
     """A 100-identity synthetic set with its split, image cache and raw-pixel baseline."""
-    from indivaid.baselines import cached_raw_pixel_features
     from indivaid.data import SplitConfig, build_split, open_dataset
-    from indivaid.data.imagecache import ImageSpec, build_image_cache
-    from indivaid.eval.retrieval import score_retrieval
+    from indivaid.data.imagecache import ImageSpec
+    from indivaid.demo import raw_pixel_baseline
 
     root = tmp_path_factory.mktemp("learn")
     options = {"identities": 100, "min_images": 8, "max_images": 12, "seed": 11}
     split = build_split(open_dataset("synthetic", data_root=root, **options), SplitConfig(seed=0))
-    cache = build_image_cache(split, ImageSpec(48, 96), root / "cache")
-    q, g = split.query_gallery("val")
-    raw = score_retrieval(cached_raw_pixel_features(cache, q["image_id"].to_list(), size=(24, 48)),
-                          cached_raw_pixel_features(cache, g["image_id"].to_list(), size=(24, 48)), q, g,
-                          protocol=split.protocol, camera_codes=split.camera_codes())
+    raw = raw_pixel_baseline(split, root / "cache", ImageSpec(48, 96))["raw pixels / val"]
     return root, options, raw.mAP
 
 

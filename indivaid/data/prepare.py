@@ -25,7 +25,7 @@ from indivaid.data.adapters import open_dataset
 from indivaid.data.adapters.generic import TableAdapter
 from indivaid.data.catalogue import Catalogue, DataError, validate_catalogue
 from indivaid.data.split import Split, SplitConfig, build_split, write_split
-from indivaid.utils.io import atomic_write_text
+from indivaid.utils.io import data_root
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("name a dataset or --wildlife CLASS")
         cat = validate_catalogue(cat, skip_bad=args.skip_bad)
         cfg = SplitConfig(args.seed, args.val_fraction, args.test_fraction, protocol=args.protocol)
-        out = Path(args.out).resolve() if args.out else (cat.root.parent if args.no_layout else Path(args.data_root or os.environ.get("INDIVAID_DATA", "data")).resolve())
         if args.no_layout:
             split = build_split(cat, cfg)
             print(write_split(split, cat.root / f"split-seed{cfg.seed}.csv"))
         else:
-            print(prepare(cat, out, cfg))
+            print(prepare(cat, Path(args.out).resolve() if args.out else data_root(args.data_root), cfg))
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

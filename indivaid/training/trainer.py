@@ -37,7 +37,7 @@ from indivaid.methods import METHODS, MethodSpec
 from indivaid.models.fusion import pad_descriptions
 from indivaid.models.head import inference_feature
 from indivaid.training import checkpoint as ckpt
-from indivaid.training.config import TrainConfig
+from indivaid.training.config import Stage2Config, TrainConfig
 from indivaid.training.runtime import Runtime, resolve_runtime, seed_everything
 from indivaid.training.schedule import cosine_with_warmup, milestone_epochs, warmup_multistep
 from indivaid.training.system import ReIDSystem
@@ -126,9 +126,9 @@ def weights_id(cfg: TrainConfig) -> str:
 
 @torch.no_grad()
 def image_features(system: ReIDSystem, source: Callable[[np.ndarray], Tensor], n: int, rt: Runtime, batch: int,
-                   cameras: Tensor | None = None, *, feature: str = "inference", after_bn: bool = False,
-                   part_norm: bool = False, aug: AugmentConfig = AugmentConfig()) -> Tensor:
-    """Features of ``n`` images in eval mode: ``inference`` (concat f12, fproj) or ``fproj``."""
+                   cameras: Tensor | None = None, *, after_bn: bool = False, part_norm: bool = False,
+                   aug: AugmentConfig = AugmentConfig()) -> Tensor:
+    """Inference features (concat f12, fproj; fp32) of ``n`` images, in eval mode."""
     was_training = system.training
     system.eval()
     out = []
@@ -138,7 +138,7 @@ def image_features(system: ReIDSystem, source: Callable[[np.ndarray], Tensor], n
         cams = cameras[idx].to(rt.device) if cameras is not None else None
         with rt.autocast():
             f = system.image(x, cams)
-        out.append(f.fproj.float() if feature == "fproj" else inference_feature(f, system.head, after_bn=after_bn, part_norm=part_norm))
+        out.append(inference_feature(f, system.head, after_bn=after_bn, part_norm=part_norm))
     system.train(was_training)
     return torch.cat(out)
 
@@ -161,17 +161,11 @@ def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, ima
 def _compute_frozen_features(system: ReIDSystem, cfg: TrainConfig, split: Split, images: ImageCache, rt: Runtime,
                              path: Path) -> dict[str, Tensor]:
     rows = images.rows(split.table["image_id"].to_list())
-    src = ImageSource(images, rows, rt.device, 0)
-    system.eval()
-    f12, fproj = [], []
-    with torch.no_grad():
-        for s in range(0, len(rows), cfg.eval.batch_size):
-            idx = np.arange(s, min(len(rows), s + cfg.eval.batch_size))
-            with rt.autocast():
-                f = system.image(normalize(src(idx), cfg.augment))
-            f12.append(f.f12.float().cpu())
-            fproj.append(f.fproj.float().cpu())
-    feats = {"f12": torch.cat(f12), "fproj": torch.cat(fproj), "image_ids": split.table["image_id"].to_list()}
+    # Before BN and unnormalised, the inference feature is exactly concat(f12, fproj).
+    both = image_features(system, ImageSource(images, rows, rt.device, 0), len(rows), rt, cfg.eval.batch_size,
+                          aug=cfg.augment).cpu()
+    f12, fproj = both.split([system.image.width, system.image.embed_dim], dim=1)
+    feats = {"f12": f12.contiguous(), "fproj": fproj.contiguous(), "image_ids": split.table["image_id"].to_list()}
     ckpt.save(feats, path)  # atomic: ranks that computed it too write the same bytes
     log.info("cached frozen image features of %d images: %s", len(rows), path.name)
     return feats
@@ -227,8 +221,8 @@ class Run:
         self.system = ReIDSystem(cfg, self.method, len(self.identities), len(train_cams), self.split.species,
                                  str(cache_root(cfg) / "weights")).to(self.rt.device)
         self.row_index = {im: i for i, im in enumerate(self.split.table["image_id"].to_list())}
-        self.all_rows = self.images.rows(self.split.table["image_id"].to_list())
-        self.all_sie = self._sie_codes(self.split.table)
+        # Rows of the training images in the frozen-feature cache (which follows the split table).
+        self.train_feature_index = torch.tensor([self.row_index[i] for i in train["image_id"].to_list()])
         self.history: list[dict[str, float]] = []
         self.last_val: dict[str, float] = {}
         self.images_per_s = NAN
@@ -347,8 +341,7 @@ def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: 
     cfg, rt, system = run.cfg.stage1, run.rt, run.system
     prompt = system.prompt
     assert prompt is not None
-    index = torch.tensor([run.row_index[i] for i in run.split.part("train")["image_id"].to_list()])
-    v = feats["fproj"][index].to(rt.device)
+    v = feats["fproj"][run.train_feature_index].to(rt.device)
     labels = run.train_labels.to(rt.device)
     sampler = PKSampler(run.train_labels.numpy(), cfg.batch_p, cfg.batch_k, seed=run.cfg.runtime.seed,
                         rank=rt.rank, world_size=rt.world_size)
@@ -416,16 +409,14 @@ def description_cache(run: Run, feats: dict[str, Tensor]) -> tuple[Tensor, Tenso
             for s in range(0, num_ids, 256):
                 out.append(system.describe(torch.arange(s, min(num_ids, s + 256), device=rt.device), None, use_meta=False).float())
             return torch.cat(out)
-        index = torch.tensor([run.row_index[i] for i in run.split.part("train")["image_id"].to_list()])
-        v = feats["fproj"][index].to(rt.device)
+        v = feats["fproj"][run.train_feature_index].to(rt.device)
         labels = run.train_labels.to(rt.device)
         for s in range(0, len(labels), 256):
             out.append(system.describe(labels[s : s + 256], v[s : s + 256]).float())
     return pad_descriptions(torch.cat(out), labels, num_ids)
 
 
-def stage2_optimizer(run: Run) -> torch.optim.Optimizer:
-    cfg, system = run.cfg.stage2, run.system
+def stage2_optimizer(system: ReIDSystem, cfg: Stage2Config, fusion_lr_factor: float) -> torch.optim.Optimizer:
     weights, biases = [], []
     for module in (system.image, system.head):
         for name, p in module.named_parameters():
@@ -434,7 +425,7 @@ def stage2_optimizer(run: Run) -> torch.optim.Optimizer:
     # Few groups, not one per tensor: Adam's multi-tensor (foreach/fused) kernels work per group.
     groups = [{"params": weights, "base_lr": cfg.lr}, {"params": biases, "base_lr": cfg.lr * cfg.bias_lr_factor}]
     if system.fusion is not None:
-        groups.append({"params": list(system.fusion.parameters()), "base_lr": cfg.lr * run.cfg.fusion.lr_factor})
+        groups.append({"params": list(system.fusion.parameters()), "base_lr": cfg.lr * fusion_lr_factor})
     for g in groups:
         g["lr"] = g["base_lr"]
     fused = all(p.is_cuda for g in groups for p in g["params"])
@@ -504,9 +495,7 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
     for p in system.prompt.parameters():
         p.requires_grad_(False)
     system.logit_scale.requires_grad_(False)
-    desc = description_cache(run, feats)
-    system.train()
-    opt = stage2_optimizer(run)
+    opt = stage2_optimizer(system, cfg, run.cfg.fusion.lr_factor)
     start = 0
     if state is not None and state["stage"] == 2:
         for name in ("image", "head", "fusion", "prompt"):
@@ -515,8 +504,8 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
         system.logit_scale.data.copy_(state["modules"]["scale"]["logit_scale"])
         opt.load_state_dict(state["optimizer"])
         start = state["epoch"]
-        desc = description_cache(run, feats)  # the prompt weights were just restored
-        system.train()
+    desc = description_cache(run, feats)  # after any restore: it depends on the prompt weights
+    system.train()
     net = _wrap(_Stage2Net(system), rt)
     sampler = PKSampler(run.train_labels.numpy(), cfg.batch_p, cfg.batch_k, seed=run.cfg.runtime.seed + 1,
                         rank=rt.rank, world_size=rt.world_size)
@@ -579,14 +568,15 @@ def train(cfg: TrainConfig, *, workdir: str | Path, report: Report | None = None
     run = Run(cfg, workdir, report)
     atomic_write_text(workdir / "config.json", json.dumps(to_dict(cfg), indent=2))
     feats = frozen_feature_cache(run.system, cfg, run.split, run.images, run.rt)
-    zs = score_features(torch.cat([feats["f12"], feats["fproj"]], 1), run.split, "val", run.row_index, cfg)
+    zs_feats = torch.cat([feats["f12"], feats["fproj"]], 1)  # the zero-shot inference feature
+    zs = score_features(zs_feats, run.split, "val", run.row_index, cfg)
     zs_val = as_val(zs)
     state = run.load_train_state()
     s1 = s2 = 0
     if run.method.train:
         if state is None or state["stage"] == 1:
             s1 = stage1(run, feats, zs_val, state)
-            state = None if state is None or state["stage"] == 1 else state
+            state = None  # stage 2 starts fresh after stage 1
         else:
             s1 = sum(1 for h in run.history if h["stage"] == 1)
         s2 = stage2(run, feats, state)
@@ -600,7 +590,7 @@ def train(cfg: TrainConfig, *, workdir: str | Path, report: Report | None = None
         if run.method.train:
             test = plain(run.evaluate("test"))
         else:
-            test = plain(score_features(torch.cat([feats["f12"], feats["fproj"]], 1), run.split, "test", run.row_index, cfg))
+            test = plain(score_features(zs_feats, run.split, "test", run.row_index, cfg))
     model_path = save_inference_checkpoint(run) if run.rt.is_main else workdir / "model.pt"
     result = RunResult(str(workdir), cfg.method, run.split.dataset, run.split.hash, cfg.runtime.seed,
                        plain(val) if val is not None else {}, test, {k: float(v) for k, v in zs_val.items()}, s1, s2,
