@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from indivaid.config import ConfigError, apply_overrides, from_dict, read_mapping
+from indivaid.config import ConfigError, apply_overrides, from_dict, read_mapping, to_dict
 from indivaid.data.adapters import DATASETS
 from indivaid.methods import METHODS, MethodSpec
 from indivaid.registry import did_you_mean
@@ -96,6 +96,7 @@ class SweepConfig:
     search: SearchConfig = SearchConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    dataset_resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-dataset overrides of resources
     final: FinalConfig = FinalConfig()
     max_failures: int = field(default=2, metadata={"ge": 0})
 
@@ -108,9 +109,23 @@ class SweepConfig:
         for i, m in enumerate(self.methods):
             if m not in METHODS:
                 raise ValueError(f"methods[{i}]: unknown method {m!r}{did_you_mean(m, METHODS.names())}")
-        for d in self.per_dataset:
-            if d not in self.datasets:
-                raise ValueError(f"per_dataset.{d}: not one of the sweep's datasets {self.datasets}")
+        for section in ("per_dataset", "dataset_resources"):
+            for d in getattr(self, section):
+                if d not in self.datasets:
+                    raise ValueError(f"{section}.{d}: not one of the sweep's datasets {self.datasets}"
+                                     f"{did_you_mean(d, self.datasets)}")
+        for d in self.dataset_resources:
+            self.resources_for(d)  # validates the override's keys and values now
+
+    def resources_for(self, dataset: str) -> ResourcesConfig:
+        """The trial resources of one dataset: ``resources`` with its ``dataset_resources`` entry on top."""
+        over = self.dataset_resources.get(dataset)
+        if not over:
+            return self.resources
+        try:
+            return from_dict(ResourcesConfig, {**to_dict(self.resources), **over})
+        except ConfigError as e:
+            raise ValueError(f"dataset_resources.{dataset}.{e}") from None
 
     @property
     def storage_path(self) -> Path:

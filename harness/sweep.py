@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from harness.config import SweepConfig, applies, load_sweep, trial_config
+from harness.config import ResourcesConfig, SweepConfig, applies, load_sweep, trial_config
 from indivaid.config import ConfigError, to_dict
 from indivaid.data.adapters import make_adapter
 from indivaid.data.catalogue import DataError
@@ -52,11 +52,11 @@ def missing_datasets(sweep: SweepConfig) -> list[tuple[str, str]]:
     """(dataset, where it was looked for) for each dataset whose files are absent."""
     out = []
     for d in sweep.datasets:
-        if d == "synthetic":
-            continue  # generated on first use
         data = sweep.per_dataset.get(d, {}).get("data", {})
         path = data.get("path")
         adapter = make_adapter(d, **data.get("options", {}))
+        if adapter.generated:
+            continue  # made on first use
         where = Path(path) if path else adapter.default_path(sweep.data_path)
         if not where.exists():
             out.append((d, str(where)))
@@ -94,20 +94,55 @@ def plan(sweep: SweepConfig) -> list[tuple[Experiment, int]]:
     return rows
 
 
-def print_plan(sweep: SweepConfig) -> None:
-    table = Table(title=f"sweep {sweep.name}: storage {sweep.storage_path}")
-    for c in ("phase", "dataset", "method", "trials", "searched keys", "resources / trial"):
-        table.add_column(c)
-    res = sweep.resources
-    per = f"{res.cpus:g} CPU, {res.gpus:g} GPU" + (f", {res.workers} DDP workers" if res.workers else "") + \
-        "".join(f", {v:g} {k}" for k, v in res.custom.items())
-    total = 0
+@dataclass(frozen=True)
+class PlanRow:
+    exp: Experiment
+    trials: int
+    searched: str
+    images: str  # train/val/test (counted | published) or "not present"
+    resources: str
+    gpu_hours: float | None  # all trials of the row at full budget; None: no measured rates
+
+
+def plan_rows(sweep: SweepConfig) -> list[PlanRow]:
+    """The dry run's rows: experiments with sizes, resources and a GPU-hour estimate (harness.estimate)."""
+    from harness.estimate import image_counts, trial_gpu_seconds
+
+    counts = {d: image_counts(trial_config(sweep, d, sweep.methods[0], {})) for d in sweep.datasets}
+    rows = []
     for exp, n in plan(sweep):
-        keys = ", ".join(search_space(sweep, exp.method)) if exp.phase == "search" else "best config, seeds"
-        table.add_row(exp.phase, exp.dataset, exp.method, str(n), keys or "-", per)
-        total += n
+        c = counts[exp.dataset]
+        per = trial_gpu_seconds(trial_config(sweep, exp.dataset, exp.method, {}), c, exp.phase == "final") if c else None
+        trains = METHODS.get(exp.method).train
+        keys = ", ".join(search_space(sweep, exp.method)) if exp.phase == "search" else ("best config" if trains else "")
+        rows.append(PlanRow(exp, n, keys or "-", f"{c.train}/{c.val}/{c.test} ({c.source})" if c else "not present",
+                            _describe(sweep.resources_for(exp.dataset)), per * n / 3600 if per is not None else None))
+    return rows
+
+
+def print_plan(sweep: SweepConfig) -> None:
+    rows = plan_rows(sweep)
+    table = Table(title=f"sweep {sweep.name}: storage {sweep.storage_path}")
+    for c in ("phase", "dataset", "method", "trials", "searched", "images train/val/test", "resources per trial",
+              "≈ GPU-h"):
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(r.exp.phase, r.exp.dataset, r.exp.method, str(r.trials), r.searched, r.images, r.resources,
+                      f"{r.gpu_hours:.1f}" if r.gpu_hours is not None else "—")
     console.print(table)
-    console.print(f"{total} trainings in all")
+    hours = sum(r.gpu_hours or 0.0 for r in rows)
+    est = (f"≈ {hours:.1f} GPU-hours on H200-class GPUs at full budget (an upper bound: ASHA stops many search "
+           f"trials early{'; rows marked — not included' if any(r.gpu_hours is None for r in rows) else ''})")
+    gpus = any(sweep.resources_for(d).gpus for d in sweep.datasets)
+    console.print(f"{sum(r.trials for r in rows)} trainings in all; " +
+                  (est if gpus else "CPU sweep (no GPUs requested)" + (f"; on GPUs: {est}" if hours else "")))
+
+
+def _describe(res: ResourcesConfig) -> str:
+    per = f"{res.cpus:g} CPU, {res.gpus:g} GPU"
+    if res.workers:
+        per = f"{res.workers} worker{'s' if res.workers > 1 else ''} x ({per})"
+    return per + "".join(f", {v:g} {k}" for k, v in res.custom.items())
 
 
 class PruningAwareOptuna:
@@ -150,7 +185,7 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
 
     storage = sweep.storage_path
     exp_dir = storage / exp.name
-    res = sweep.resources
+    res = sweep.resources_for(exp.dataset)
     # workers >= 1: the trial itself only drives a TorchTrainer, whose workers hold the resources.
     resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers == 0 else {"cpu": 0.01}
     if exp.phase == "final":  # one trial per seed: the seed is the gridded dimension
@@ -219,6 +254,8 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
         failed = (info_file.parent / "error.txt").is_file()
         progress = _last_progress(info_file.parent)
         cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
+        # an unfinished trial (stopped, failed, running) counts until its last report
+        wall = float(result.get("wall_s") or 0.0) if result else max(0.0, progress.get("timestamp", info["started"]) - info["started"])
         row: dict[str, Any] = {
             "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
             "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
@@ -226,8 +263,8 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
             "status": "completed" if result else ("error" if failed or not progress else "stopped"),
             "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"], failed),
             "epochs_run": int(progress.get("s2_epoch", 0) or 0),
-            "wall_s": result.get("wall_s", time.time() - info["started"] if not result else None),
-            "gpu_s": (result.get("wall_s") or 0.0) * sweep.resources.gpus * max(1, sweep.resources.workers),
+            "wall_s": wall,
+            "gpu_s": wall * _gpus_held(sweep.resources_for(info["dataset"])),
             "images_per_s": result.get("images_per_s"),
             "error": _error(info_file.parent),
             "created_at": info["started"],
@@ -242,6 +279,11 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
         row["best_val_mAP"] = max([h.get("val_mAP", 0.0) for h in result.get("history", [])] or [row["val_mAP"] or 0.0])
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+def _gpus_held(res: ResourcesConfig) -> float:
+    """GPUs a trial holds (0 on CPU sweeps): per worker under Ray Train."""
+    return res.gpus * max(1, res.workers)
 
 
 def _last_progress(trial_dir: Path) -> dict:

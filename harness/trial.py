@@ -31,7 +31,7 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         atomic_write_text(info_file, json.dumps(info, indent=2, default=str))
     cfg_sweep = from_dict(SweepConfig, sweep)
     cfg = trial_config(cfg_sweep, dataset, method, params, seed)
-    if cfg_sweep.resources.workers > 0:
+    if cfg_sweep.resources_for(dataset).workers > 0:
         _fit_with_ray_train(cfg, cfg_sweep, trial_dir, ctx.get_trial_id(), phase == "final")
         return
 
@@ -69,7 +69,7 @@ def _fit_with_ray_train(cfg, sweep: SweepConfig, trial_dir: Path, trial_id: str,
 
     from indivaid.config import to_dict
 
-    res = sweep.resources
+    res = sweep.resources_for(cfg.data.dataset)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"train_config": to_dict(cfg), "workdir": str(trial_dir / "run"), "evaluate_test": evaluate_test},

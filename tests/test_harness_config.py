@@ -69,3 +69,36 @@ def test_missing_dataset_is_reported_before_anything_starts(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "missing datasets" in err and "atrw" in err and "lion" in err and "--skip-missing" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_dry_run_estimates_gpu_hours_from_published_sizes_without_touching_data(tmp_path: Path, capsys):
+    from harness.estimate import image_counts, trial_gpu_seconds
+    from harness.sweep import plan_rows
+
+    f = write(tmp_path, (ROOT / "sweeps" / "full.yaml").read_text() + f"data_root: {tmp_path / 'nowhere'}\n")
+    assert main([str(f), "--dry-run"]) == 0
+    assert "GPU-hours" in capsys.readouterr().out
+    assert not (tmp_path / "nowhere").exists()
+    sweep = load_sweep(f)
+    rows = {(r.exp.phase, r.exp.dataset, r.exp.method): r for r in plan_rows(sweep)}
+    assert all(r.gpu_hours is not None and "(published)" in r.images for r in rows.values())
+    assert rows["search", "polarbear", "indivaid"].resources.startswith("4 workers")  # PolarBear's DDP trials
+    assert rows["search", "atrw", "indivaid"].resources.startswith("1 worker x")
+    cfg = trial_config(sweep, "atrw", "indivaid", {})
+    counts = image_counts(cfg)
+    assert counts is not None and counts.source == "published" and counts.train + counts.val == 3730
+    one = trial_gpu_seconds(cfg, counts, evaluate_test=True)
+    zs = trial_gpu_seconds(trial_config(sweep, "atrw", "zeroshot", {}), counts, evaluate_test=True)
+    assert one is not None and zs is not None and 0 < zs < one
+    # the stage-2 share doubles with its epochs
+    longer = trial_config(sweep, "atrw", "indivaid", {"stage2.epochs": 2 * cfg.stage2.epochs})
+    assert trial_gpu_seconds(longer, counts, True) > 1.5 * one
+
+
+def test_generated_dataset_is_never_missing_and_dry_run_does_not_generate(tmp_path: Path, capsys):
+    f = write(tmp_path, GOOD + f"data_root: {tmp_path / 'data'}\nstorage: {tmp_path / 'results'}\n")
+    from harness.sweep import plan_rows
+
+    assert main([str(f), "--dry-run"]) == 0
+    assert all(r.images == "not present" and r.gpu_hours is None for r in plan_rows(load_sweep(f)))
+    assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()

@@ -48,9 +48,11 @@ class DatasetAdapter(ABC):
     """Parses one on-disk layout into a catalogue."""
 
     info: DatasetInfo
+    generated: bool = False  # the files are made on first use (never "missing")
 
-    def default_path(self, data_root: Path) -> Path:
-        """Where this dataset lives under the data root when no path is given."""
+    def default_path(self, data_root: Path, *, create: bool = True) -> Path:
+        """Where this dataset lives under the data root when no path is given (``create``: a
+        generated dataset is made there first)."""
         return data_root / self.info.name
 
     @abstractmethod

@@ -27,7 +27,7 @@ class FolderAdapter(DatasetAdapter):
     def __init__(self, *, name: str = "folder", species: str = "animal", protocol: str = "none") -> None:
         self.info = DatasetInfo(name, species, default_protocol=protocol)
 
-    def default_path(self, data_root: Path) -> Path:
+    def default_path(self, data_root: Path, *, create: bool = True) -> Path:
         raise DataError("the `folder` dataset needs an explicit path: <root>/<identity>/<images>")
 
     def load(self, path: Path) -> Catalogue:
@@ -82,7 +82,7 @@ class TableAdapter(DatasetAdapter):
         self.info = DatasetInfo(name, species or "animal", default_protocol=protocol, video=video)
         self._species_given = species is not None
 
-    def default_path(self, data_root: Path) -> Path:
+    def default_path(self, data_root: Path, *, create: bool = True) -> Path:
         raise DataError("the `table` dataset needs an explicit path (the folder holding the table or the table file)")
 
     def load(self, path: Path) -> Catalogue:
