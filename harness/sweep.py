@@ -435,6 +435,46 @@ def init_ray(address: str | None, storage: Path) -> None:
             console.print(f"Ray dashboard: http://{ctx.dashboard_url}")
 
 
+def cache_configs(sweep: SweepConfig, dataset: str) -> list[dict[str, Any]]:
+    """The distinct frozen-feature inputs of a dataset's trials (data, model, runtime; seeds matter
+    only for random-init weights), as trainer configs: methods and searched values do not change them."""
+    seeds = sorted({0, *range(sweep.final.seeds)})
+    out: dict[str, dict[str, Any]] = {}
+    for m in sweep.methods:
+        for seed in seeds:
+            cfg = trial_config(sweep, dataset, m, {}, seed)
+            ident = to_dict((cfg.data, cfg.model, cfg.augment, cfg.runtime.device, cfg.runtime.amp,
+                             seed if cfg.model.pretrained is None else None))
+            out.setdefault(json.dumps(ident, sort_keys=True, default=str), to_dict(cfg))
+    return list(out.values())
+
+
+def _warm(configs: list[dict[str, Any]]) -> list[str]:
+    """Inside a Ray task: build the image and feature caches of each config (loads what exists)."""
+    from indivaid.training import resolve, warm_caches
+
+    return [str(warm_caches(resolve(c))) for c in configs]
+
+
+def warm_feature_caches(sweep: SweepConfig, datasets: list[str]) -> None:
+    """One Ray task per dataset computes the shared caches before any trial starts, on a node with
+    the trials' resources (a GPU node on a cluster); trials then load them from ``<storage>/cache``."""
+    import ray
+
+    pending = {}
+    for d in datasets:
+        res = sweep.resources_for(d)
+        task = ray.remote(_warm).options(num_cpus=res.cpus, num_gpus=res.gpus, resources=dict(res.custom) or None,
+                                         name=f"warm-cache-{d}")
+        pending[d] = task.remote(cache_configs(sweep, d))
+    for d, ref in pending.items():
+        try:
+            files = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise DataError(f"{d}: building the shared image/feature caches failed: {e.cause!r}") from None
+        log.info("%s: shared feature caches ready: %s", d, ", ".join(Path(f).name for f in files))
+
+
 def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = False, only: list[str] | None = None,
               skip_missing: bool = False) -> Path:
     missing = missing_datasets(sweep)
@@ -446,6 +486,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     atomic_write_text(sweep.storage_path / "sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
     init_ray(address, sweep.storage_path)
     todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
+    warm_feature_caches(sweep, sorted({exp.dataset for exp, _ in todo}))
     progress = SweepProgress(sweep, sum(n for _, n in todo))
     table = collect(sweep)  # a resumed sweep's finished searches pick its final configs
     with Live(progress, console=console, refresh_per_second=0.5, transient=False):

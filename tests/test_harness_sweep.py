@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -67,6 +68,12 @@ def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     best = yaml.safe_load((sweep.storage_path / "best.yaml").read_text())
     assert set(best) == {"synthetic/indivaid", "synthetic/clipreid", "synthetic/zeroshot"}
     assert (sweep.storage_path / "manifest.json").is_file()
+    # the shared frozen-feature caches were computed once per key, by the warm-up task, before any trial;
+    # random-init weights depend on the seed: one key for seed 0 (search + final) and one for seed 1
+    made = [json.loads(line) for line in (sweep.storage_path / "cache" / "features.jsonl").read_text().splitlines()]
+    files = sorted(p.name for p in (sweep.storage_path / "cache").glob("features-*.pt"))
+    assert sorted(m["file"] for m in made) == files and len(files) == 2
+    assert {m["origin"] for m in made} == {"warm"}
 
 
 @pytest.mark.timeout(600)

@@ -1,6 +1,6 @@
 """The two-stage trainer (no Ray): ``train(cfg, workdir=..., report=...)``."""
 
 from indivaid.training.config import TrainConfig, load_config, resolve
-from indivaid.training.trainer import REPORT_KEYS, RunResult, TrainingError, train
+from indivaid.training.trainer import REPORT_KEYS, RunResult, TrainingError, train, warm_caches
 
-__all__ = ["REPORT_KEYS", "RunResult", "TrainConfig", "TrainingError", "load_config", "resolve", "train"]
+__all__ = ["REPORT_KEYS", "RunResult", "TrainConfig", "TrainingError", "load_config", "resolve", "train", "warm_caches"]

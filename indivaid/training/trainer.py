@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -143,19 +145,36 @@ def image_features(system: ReIDSystem, source: Callable[[np.ndarray], Tensor], n
     return torch.cat(out)
 
 
-def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, images: ImageCache, rt: Runtime) -> dict[str, Tensor]:
-    """Frozen-encoder features of every image of the split (computed once per key, then loaded)."""
+def feature_cache_path(cfg: TrainConfig, split: Split, rt: Runtime) -> Path:
+    """Where the frozen-encoder features of this split, backbone, weights and preprocessing live."""
     m = cfg.model
     key = stable_hash({"split": split.hash, "backbone": m.backbone, "weights": weights_id(cfg), "size": list(m.input_size),
                        "stride": m.stride, "sie": m.sie, "dtype": str(rt.amp_dtype), "resize": cfg.data.resize,
                        "preprocess": PREPROCESS_VERSION, "quick_gelu": m.quick_gelu})
-    path = cache_root(cfg) / f"features-{key}.pt"
+    return cache_root(cfg) / f"features-{key}.pt"
+
+
+def frozen_feature_cache(system: ReIDSystem, cfg: TrainConfig, split: Split, images: ImageCache, rt: Runtime,
+                         origin: str = "train") -> dict[str, Tensor]:
+    """Frozen-encoder features of every image of the split (computed once per key, then loaded).
+
+    Each computation appends a line (key, images, seconds, host, pid, ``origin``) to
+    ``features.jsonl`` beside the cache: the provenance of the file, and how often it was made.
+    """
+    path = feature_cache_path(cfg, split, rt)
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     with file_lock(path.with_name(f".{path.name}.lock")):  # concurrent trials compute it once
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
-        return _compute_frozen_features(system, cfg, split, images, rt, path)
+        t0 = time.perf_counter()
+        feats = _compute_frozen_features(system, cfg, split, images, rt, path)
+        entry = {"file": path.name, "split": split.hash, "images": len(feats["image_ids"]), "origin": origin,
+                 "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname(), "pid": os.getpid(),
+                 "time": time.time()}
+        with open(path.parent / "features.jsonl", "a") as f:  # one short O_APPEND write per line
+            f.write(json.dumps(entry) + "\n")
+        return feats
 
 
 def _compute_frozen_features(system: ReIDSystem, cfg: TrainConfig, split: Split, images: ImageCache, rt: Runtime,
@@ -169,6 +188,17 @@ def _compute_frozen_features(system: ReIDSystem, cfg: TrainConfig, split: Split,
     ckpt.save(feats, path)  # atomic: ranks that computed it too write the same bytes
     log.info("cached frozen image features of %d images: %s", len(rows), path.name)
     return feats
+
+
+def warm_caches(cfg: TrainConfig) -> Path:
+    """Build the split, the uint8 image cache and the frozen-feature cache of ``cfg`` without training,
+    so that every run sharing them only loads them (the sweep harness runs this once per key)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="indivaid-warm-") as tmp:
+        run = Run(cfg, Path(tmp), None)
+        frozen_feature_cache(run.system, cfg, run.split, run.images, run.rt, origin="warm")
+        return feature_cache_path(cfg, run.split, run.rt)
 
 
 # ---------------------------------------------------------------------------------------------
