@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import io
 import json
@@ -33,8 +34,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-
-from indivaid.utils.io import atomic_write_bytes  # stdlib only: no torch
 
 log = logging.getLogger(__name__)
 
@@ -998,9 +997,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write(path: Path, data: str | bytes) -> None:
+    """Write through a temporary name and rename (a reader never sees half a file); the umask's mode."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise LeaderboardError(f"cannot write {path}: {e.strerror or e}") from None
     log.info("wrote %s", path)
 

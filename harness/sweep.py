@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,9 @@ class PruningAwareOptuna:
                 super().on_trial_complete(trial_id, result, error)
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # A retried trial restarts Tune's training_iteration (the trainer resumes from its own
+        # checkpoint), so Optuna sees intermediate steps twice; it keeps the first, which is right.
+        warnings.filterwarnings("ignore", message="The reported value is ignored because this `step", category=UserWarning)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
         return _Search(metric=metric, mode="max", sampler=sampler)  # the space comes through param_space
 
@@ -263,6 +267,7 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
             "status": "completed" if result else ("error" if failed or not progress else "stopped"),
             "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"], failed),
             "epochs_run": int(progress.get("s2_epoch", 0) or 0),
+            "attempts": max(1, _line_count(info_file.parent / "starts.jsonl")),
             "wall_s": wall,
             "gpu_s": wall * _gpus_held(sweep.resources_for(info["dataset"])),
             "images_per_s": result.get("images_per_s"),
@@ -284,6 +289,10 @@ def collect(sweep: SweepConfig) -> pl.DataFrame:
 def _gpus_held(res: ResourcesConfig) -> float:
     """GPUs a trial holds (0 on CPU sweeps): per worker under Ray Train."""
     return res.gpus * max(1, res.workers)
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _last_progress(trial_dir: Path) -> dict:

@@ -7,6 +7,7 @@ restarts after a crash, or that a restored sweep re-launches, continues where it
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
                 "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
         atomic_write_text(info_file, json.dumps(info, indent=2, default=str))
+    with open(trial_dir / "starts.jsonl", "a") as f:  # one line per (re)start: retries are visible
+        f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}) + "\n")
     cfg_sweep = from_dict(SweepConfig, sweep)
     cfg = trial_config(cfg_sweep, dataset, method, params, seed)
     if cfg_sweep.resources_for(dataset).workers > 0:

@@ -123,3 +123,42 @@ def test_reproduce_reruns_a_recorded_trial_to_the_same_numbers(ray_local, data_r
     assert out["val"]["mAP"] == pytest.approx(final["val_mAP"]) and out["test"]["mAP"] == pytest.approx(final["test_mAP"])
     with pytest.raises(Exception, match="no trial 'nope'"):
         reproduce(sweep, "nope")
+
+
+@pytest.mark.timeout(600)
+def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, data_root: Path, tmp_path: Path):
+    """SIGKILL a trial's process in stage 2: Tune restarts it and the trainer resumes from its checkpoint."""
+    import signal
+    import threading
+
+    f = sweep_file(tmp_path, data_root, methods=["clipreid"], max_failures=1, scheduler={"kind": "none"},
+                   search={"num_samples": 1, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0},
+                   search_space={"stage2.epochs": {"kind": "choice", "values": [12]}})
+    sweep = load_sweep(f)
+    killed: list[int] = []
+
+    def kill_once_in_stage2() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for progress in sweep.storage_path.glob("search-*/*/result.json"):
+                lines = progress.read_text().splitlines()
+                if lines and json.loads(lines[-1]).get("s2_epoch", 0) >= 3:
+                    pid = json.loads((progress.parent / "starts.jsonl").read_text().splitlines()[0])["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_once_in_stage2, daemon=True)
+    watcher.start()
+    t = pl.read_parquet(run_sweep(sweep))
+    watcher.join()
+    assert killed, "the trial finished before it could be killed"
+    row = t.row(0, named=True)
+    assert row["status"] == "completed" and row["attempts"] == 2 and row["epochs_run"] == 12
+    reports = [json.loads(x) for x in next(sweep.storage_path.glob("search-*/*/result.json")).read_text().splitlines()]
+    # resumed, not restarted: stage 1 ran once, and stage-2 epochs are not repeated from the start
+    s1 = [r for r in reports if r["stage"] == 1]
+    assert len(s1) == len({r["epoch"] for r in s1})
+    s2 = [int(r["s2_epoch"]) for r in reports if r["stage"] == 2]
+    assert s2.count(1) == 1 and s2[-1] == 12
