@@ -25,10 +25,10 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +150,16 @@ def read_trials(path: Path) -> pl.DataFrame:
     except (pl.exceptions.PolarsError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LeaderboardError(f"{path}: unreadable parquet file ({first})") from None
+    if df.height == 0:  # harness.sweep writes an empty table before any trial has a folder
+        log.warning("%s: no trials yet", path)
+        return pl.DataFrame(schema=TRIAL_SCHEMA)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise LeaderboardError(f"{path}: not a trials table (missing column(s) {', '.join(missing)})")
     params = sorted(c for c in df.columns if c.startswith("param."))
     return df.select(
-        *[pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, t).alias(c) for c, t in TRIAL_SCHEMA.items()],
+        *[pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, t).alias(c)
+          for c, t in TRIAL_SCHEMA.items()],
         *params,
     )
 
@@ -192,6 +196,9 @@ def load_results(dirs: Sequence[Path]) -> Loaded:
                                pl.lit(rank[i], pl.Int64).alias("_order"))
                 for i, f in enumerate(frames)]
     trials = pl.concat(labelled, how="diagonal_relaxed")
+    if not trials.height:
+        raise LeaderboardError(f"no results found: the sweeps under {', '.join(str(d) for d in dirs)} have no trials "
+                               f"yet; `python -m harness.sweep sweeps/smoke.yaml` creates some")
     log.info("loaded %d trial(s) from %d sweep(s): %s", trials.height, sweeps.height, ", ".join(sweeps["dir"]))
     return Loaded(trials=trials, sweeps=sweeps.sort("written_at", "dir"))
 
@@ -311,9 +318,9 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
         *[pl.col(p).drop_nulls().first() for p in params],
     )
     fstats = fstats.with_columns(pl.Series("f_config", _config_strings(fstats, params), dtype=pl.String)).drop(params)
-    # Fallback: the best search trial by best val mAP (the trial sweep.py's best.yaml would pick), failures excluded.
+    # Fallback: the search trial with the best best_val_mAP (as best.yaml picks), failed trials excluded.
     best = (trials.filter((pl.col("phase") == "search") & (pl.col("status").fill_null("completed") != "error")
-                          & pl.col("best_val_mAP").is_not_null() & pl.col("val_mAP").is_not_null())
+                          & pl.col("best_val_mAP").is_not_nan() & pl.col("val_mAP").is_not_null())
             .sort(["best_val_mAP", "trial_id"], descending=[True, False], nulls_last=True)
             .group_by(key, maintain_order=True).first())
     best = best.select(*key, *[(100 * pl.col(f"val_{m}")).alias(f"v_{m}") for m in METRICS],
@@ -332,8 +339,8 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
              ))
     board = _add_deltas(board, final, metric, key)
     board = _add_mean_rows(board, metric)
-    return board.with_columns(pl.lit("result").alias("kind"), pl.lit(metric).alias("metric"),
-                              pl.lit(None, pl.String).alias("citation")).select(BOARD_COLUMNS)
+    board = board.with_columns(pl.lit(metric).alias("metric"), pl.lit(None, pl.String).alias("citation"))
+    return board.select(BOARD_COLUMNS)
 
 
 BOARD_COLUMNS = [
@@ -351,7 +358,7 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
     difference; for an untrained method or without a shared seed, the difference of the means.
     """
     col = f"test_{metric}"
-    per_seed = final.group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
+    per_seed = final.filter(pl.col(col).is_not_null()).group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
     ref = per_seed.filter(pl.col("method") == REFERENCE).select("_scope", "dataset", "seed", pl.col("a").alias("b"))
     pairs = (per_seed.join(ref, on=["_scope", "dataset", "seed"], how="inner").sort("seed")
              .group_by(key).agg("a", "b"))
@@ -360,17 +367,18 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
         "_scope", "dataset", pl.col(f"{metric}_mean").alias("ref_mean"), pl.col("source").alias("ref_source"))
     ref_splits = splits.filter(pl.col("method") == REFERENCE).select("_scope", "dataset",
                                                                      pl.col("splits").alias("ref_splits"))
+    same = ["_scope", "dataset"]
     rows = (board.join(pairs, on=key, how="left").join(splits, on=key, how="left")
-            .join(ref_rows, on=["_scope", "dataset"], how="left").join(ref_splits, on=["_scope", "dataset"], how="left"))
+            .join(ref_rows, on=same, how="left").join(ref_splits, on=same, how="left"))
 
     deltas, ps, n_pairs, tests, notes = [], [], [], [], []
     for r in rows.select("method", "source", f"{metric}_mean", "a", "b", "splits", "ref_mean", "ref_source",
                          "ref_splits").iter_rows(named=True):
         delta, p, n, test, note = None, None, len(r["a"] or []), "n/a", None
-        if r["method"] == REFERENCE:
-            test, note = "ref", "reference"
-        elif r["source"] is None:
+        if r["source"] is None:
             test, note = None, "no results"
+        elif r["method"] == REFERENCE:
+            test, note = ("ref", "reference") if r["source"] == SOURCE_TEST else (None, "reference, not on test")
         elif r["source"] == SOURCE_VAL:
             note = "selected on validation: no test"
         elif r["ref_source"] != SOURCE_TEST:
@@ -395,9 +403,9 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
                                pl.Series("note", notes, dtype=pl.String))
     # Holm per family: one method's tested comparisons across datasets (per sweep with --all).
     adjusted = pl.Series("p_holm", [None] * board.height, dtype=pl.Float64)
-    for *_, idx in board.with_row_index("_i").filter(pl.col("p").is_not_null()).group_by("_scope", "method").agg("_i").iter_rows():
-        adj = holm(board["p"].gather(idx).to_list())
-        adjusted = adjusted.scatter(idx, adj)
+    tested = board.with_row_index("_i").filter(pl.col("p").is_not_null())
+    for *_, idx in tested.group_by("_scope", "method").agg("_i").iter_rows():
+        adjusted = adjusted.scatter(idx, holm(board["p"].gather(idx).to_list()))
     return board.with_columns(adjusted).with_columns(
         pl.when(pl.col("p_holm").is_not_null()).then(pl.col("p_holm") < ALPHA).alias("significant"),
     ).with_columns(
@@ -408,8 +416,9 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
 def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
     """Per method, the unweighted mean over the datasets where it and CLIP-ReID both have test results
     (only when the board has at least two datasets; a one-dataset mean would repeat its row)."""
-    both = board.join(board.filter((pl.col("method") == REFERENCE) & (pl.col("source") == SOURCE_TEST))
-                      .select("_scope", "dataset"), on=["_scope", "dataset"], how="semi").filter(pl.col("source") == SOURCE_TEST)
+    ref_done = (board.filter((pl.col("method") == REFERENCE) & (pl.col("source") == SOURCE_TEST))
+                .select("_scope", "dataset"))
+    both = board.join(ref_done, on=["_scope", "dataset"], how="semi").filter(pl.col("source") == SOURCE_TEST)
     many = board.group_by("_scope").agg(pl.col("dataset").n_unique().alias("k")).filter(pl.col("k") >= 2)
     means = both.join(many.select("_scope"), on="_scope", how="semi").group_by("_scope", "method").agg(
         pl.col("dataset").n_unique().alias("k"),
@@ -418,13 +427,14 @@ def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
         pl.col("delta").mean(),
     ).with_columns(
         pl.lit("mean").alias("dataset"),
-        pl.format("mean of {} datasets (test)", "k").alias("source"),
+        pl.format("mean of {} dataset{} (test)", "k", pl.when(pl.col("k") == 1).then(pl.lit("")).otherwise(pl.lit("s")))
+        .alias("source"),
         pl.when(pl.col("method") == REFERENCE).then(pl.lit("ref")).otherwise(pl.lit("n/a")).alias("test"),
         pl.lit("mean over datasets: not tested (see the per-dataset rows)").alias("note"),
     ).drop("k")
-    board = pl.concat([board.with_columns(pl.lit(0).alias("_mean")), means.with_columns(pl.lit(1).alias("_mean"))],
-                      how="diagonal_relaxed")
-    return board.sort("_scope", "_mean", "dataset", _method_rank(), "method").drop("_mean")
+    board = pl.concat([board.with_columns(pl.lit("result").alias("kind")),
+                       means.with_columns(pl.lit("mean").alias("kind"))], how="diagonal_relaxed")
+    return board.sort("_scope", pl.col("kind") == "mean", "dataset", _method_rank(), "method")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +444,7 @@ def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
 
 def load_published() -> pl.DataFrame:
     """harness/published.csv (package data): percent, empty cells where the number is not known."""
-    text = resources.files("harness").joinpath("published.csv").read_text()
+    text = (Path(__file__).parent / "published.csv").read_text()  # shipped as package data next to this module
     return pl.read_csv(io.StringIO(text), schema_overrides={m: pl.Float64 for m in METRICS}, infer_schema_length=0)
 
 
@@ -449,7 +459,8 @@ def published_rows(published: pl.DataFrame, datasets: Sequence[str], which: str 
     if which == "matching":
         rows = rows.filter(pl.col("dataset").is_in(list(datasets)))
     note = pl.concat_str([pl.lit("protocol: "), pl.col("protocol").fill_null("?"), pl.lit("; split: "),
-                          pl.col("split").fill_null("?"), pl.lit("; like-for-like: "), pl.col("like_for_like").fill_null("?"),
+                          pl.col("split").fill_null("?"), pl.lit("; like-for-like: "),
+                          pl.col("like_for_like").fill_null("?"),
                           pl.when(pl.col("note").is_not_null()).then(pl.concat_str([pl.lit("; "), pl.col("note")]))
                           .otherwise(pl.lit(""))])
     return rows.select(
@@ -532,14 +543,15 @@ def display_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list
     for r in board.iter_rows(named=True):
         empty = r["source"] is None
         method = label_method(r["method"]) + (f" {FALLBACK_MARK}" if r["source"] == SOURCE_VAL else "")
+        mean = r["kind"] == "mean"
         cells = [
-            "mean" if r["dataset"] == "mean" else label_dataset(r["dataset"]), method, r["source"] or DASH,
+            "mean" if mean else label_dataset(r["dataset"]), method, r["source"] or DASH,
             DASH if r["n"] is None else str(r["n"]),
             *(fmt_metric(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS),
             "ref" if r["test"] == "ref" else fmt_delta(r["delta"], r["test"]), fmt_p(r["p_holm"]),
             r["best_config"] or DASH,
-            DASH if r["dataset"] == "mean" or r["trials"] is None else str(r["trials"]),
-            DASH if r["dataset"] == "mean" or r["errors"] is None else str(r["errors"]),
+            DASH if mean or r["trials"] is None else str(r["trials"]),
+            DASH if mean or r["errors"] is None else str(r["errors"]),
             DASH if empty or r["gpu_hours"] is None else f"{r['gpu_hours']:.2f}",
             DASH if empty or _num(r["images_per_s"]) is None else f"{r['images_per_s']:.0f}",
         ]
@@ -549,10 +561,18 @@ def display_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list
     return header, rows
 
 
+def _fmt_published(v: float | None) -> str:
+    """As printed in the paper: two decimals, or one when the second is 0 (52.54, 90.0)."""
+    if v is None:
+        return DASH
+    text = f"{v:.2f}"
+    return text[:-1] if text.endswith("0") else text
+
+
 def published_display_rows(published: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     header = ["Dataset", "Method", *(LABELS[m] for m in METRICS), "Note", "Citation"]
     rows = [[label_dataset(r["dataset"]), label_method(r["method"]),
-             *(DASH if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.2f}".rstrip("0").rstrip(".") for m in METRICS),
+             *(_fmt_published(r[f"{m}_mean"]) for m in METRICS),
              r["note"] or "", r["citation"] or ""] for r in published.iter_rows(named=True)]
     return header, rows
 
@@ -612,7 +632,8 @@ def render_markdown(board: pl.DataFrame, published: pl.DataFrame | None = None, 
     out += [_md_table(*display_rows(board, with_sweep)), ""]
     out += [f"- {x}" for x in legend_lines(metric)] + [""]
     if published is not None and published.height:
-        out += ["## Published numbers (context, not like-for-like)", "", _md_table(*published_display_rows(published)), ""]
+        out += ["## Published numbers (context, not like-for-like)", "",
+                _md_table(*published_display_rows(published)), ""]
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(out)
@@ -620,29 +641,56 @@ def render_markdown(board: pl.DataFrame, published: pl.DataFrame | None = None, 
 
 def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with_sweep: bool = False,
                 width: int | None = None) -> str:
-    """The terminal table (rich), returned as text with the terminal's colours when printed to one."""
+    """The terminal table (rich), as text (coloured when stdout is a terminal and no width is forced).
+
+    Numbers never wrap; sources are abbreviated; on terminals narrower than 220 columns the costs
+    and best configs go to a second table under the metrics.
+    """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     metric = board["metric"].drop_nulls().first() or "mAP"
     header, rows = display_rows(board, with_sweep)
-    table = Table(title=f"Leaderboard (test split, percent; Δ {LABELS[metric]} vs CLIP-ReID)", show_lines=False)
-    numeric = {"n", *(LABELS[m] for m in METRICS), "Trials", "Errors", "GPU-h", "img/s", "p (Holm)"}
-    for h in header:
-        table.add_column(h, justify="right" if h in numeric or h.startswith("Δ") else "left",
-                         overflow="fold", max_width=44 if h == "Best config" else None)
-    for r, cells in zip(board.iter_rows(named=True), rows):
-        table.add_row(*cells, style="dim" if r["source"] is None else ("bold" if r["dataset"] == "mean" else None))
-    buf = io.StringIO()
     tty = width is None and sys.stdout.isatty()
-    console = Console(file=buf, width=width or shutil.get_terminal_size((200, 40)).columns, force_terminal=tty)
-    console.print(table)
-    console.print(f"{FALLBACK_MARK} = selected on validation (no final run); * / n.s. = significant or not at "
-                  f"α = {ALPHA} (paired bootstrap over seeds, Holm across datasets); n/a = not tested. "
-                  "Full legend in leaderboard.md.")
+    width = width or shutil.get_terminal_size((200, 40)).columns
+    src = header.index("Source")
+    short = {SOURCE_TEST: "test", SOURCE_VAL: "val"}
+    records = list(board.iter_rows(named=True))
+    metric_idx = [header.index(LABELS[m]) for m in METRICS]
+    for r, cells in zip(records, rows):
+        cells[src] = short.get(r["source"], cells[src].replace(" datasets (test)", "").replace(" dataset (test)", ""))
+        for i in metric_idx:
+            cells[i] = cells[i].replace(" ± ", "±")  # compact: the metrics table must fit ~150 columns
+    key_cols = [h for h in header if h in ("Sweep", "Dataset", "Method")]
+    cost_cols = ["Best config", "Trials", "Errors", "GPU-h", "img/s"]
+    metric_cols = [h for h in header if h not in cost_cols]
+    groups = [header] if width >= 220 else [metric_cols, key_cols + cost_cols]
+    numeric = {"n", *(LABELS[m] for m in METRICS), "Trials", "Errors", "GPU-h", "img/s", "p (Holm)"}
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, force_terminal=tty)
+    for k, cols in enumerate(groups):
+        title = (f"Leaderboard (percent; Δ {LABELS[metric]} vs CLIP-ReID in points)" if k == 0
+                 else "Cost and best config")
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+        idx = [header.index(h) for h in cols]
+        for i in idx:
+            h = header[i]
+            num = h in numeric or h.startswith("Δ")
+            longest = max([len(c[i]) for c in rows] + [len(h)])
+            table.add_column(f"Δ {LABELS[metric]}" if h.startswith("Δ") else h, justify="right" if num else "left",
+                             no_wrap=num, overflow="fold", min_width=min(longest, 24) if not num else None,
+                             max_width=44 if h == "Best config" else None)
+        for r, cells in zip(records, rows):
+            table.add_row(*(cells[i] for i in idx),
+                          style="dim" if r["source"] is None else ("bold" if r["kind"] == "mean" else None))
+        console.print(table)
+    console.print(f"{FALLBACK_MARK} val = selected on validation (best search trial, no final run); * / n.s. = "
+                  f"significant or not at α = {ALPHA} (paired bootstrap over seeds, Holm across datasets); "
+                  "n/a = not tested. Full legend in leaderboard.md.")
     if published is not None and published.height:
         ph, prows = published_display_rows(published)
-        pt = Table(title="Published numbers (context, not like-for-like)")
+        pt = Table(title="Published numbers (context, not like-for-like)", box=box.SIMPLE_HEAD)
         for h in ph:
             pt.add_column(h, overflow="fold", max_width=60 if h in ("Note", "Citation") else None)
         for cells in prows:
@@ -675,7 +723,7 @@ def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, swee
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     header, rows = display_rows(board, with_sweep)
-    classes = ["mean" if r["dataset"] == "mean" else ("empty" if r["source"] is None else "")
+    classes = ["mean" if r["kind"] == "mean" else ("empty" if r["source"] is None else "")
                for r in board.iter_rows(named=True)]
     parts = [
         "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Leaderboard</title>",
@@ -690,7 +738,8 @@ def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, swee
     if line:
         parts.append(f"<p>{html.escape(line.replace('`', ''))}</p>")
     parts.append(table(header, rows, classes))
-    parts.append("<ul>" + "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric)) + "</ul>")
+    items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric))
+    parts.append(f"<ul>{items}</ul>")
     if published is not None and published.height:
         parts += ["<h2>Published numbers (context, not like-for-like)</h2>", table(*published_display_rows(published))]
     if plots:
@@ -729,7 +778,7 @@ def plot_metric_bars(board: pl.DataFrame, metric: str) -> bytes | None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    rows = board.filter((pl.col("dataset") != "mean") & pl.col(f"{metric}_mean").is_not_null())
+    rows = board.filter((pl.col("kind") == "result") & pl.col(f"{metric}_mean").is_not_null())
     if not rows.height:
         log.info("plot %s bars skipped: no dataset x method has a %s", metric, metric)
         return None
@@ -748,10 +797,11 @@ def plot_metric_bars(board: pl.DataFrame, metric: str) -> bytes | None:
                 continue
             xs.append(i - 0.4 + width * (j + 0.5))
             ys.append(r[f"{metric}_mean"])
-            errs.append(_num(r[f"{metric}_std"]) or 0.0)
+            std = _num(r[f"{metric}_std"])
+            errs.append(math.nan if std is None else std)  # NaN: no error bar (one run)
             hatches.append("//" if r["source"] == SOURCE_VAL else "")
-            top = max(top, ys[-1] + errs[-1])
-        bars = ax.bar(xs, ys, width * 0.92, yerr=errs, capsize=3, color=_colour(m), label=label_method(m),
+            top = max(top, ys[-1] + (std or 0.0))
+        bars = ax.bar(xs, ys, width * 0.92, yerr=errs, capsize=3, color=_colour(m),
                       error_kw={"elinewidth": 1, "ecolor": "0.2"})
         for bar, h in zip(bars, hatches):
             bar.set_hatch(h)
@@ -761,11 +811,11 @@ def plot_metric_bars(board: pl.DataFrame, metric: str) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.set_title(f"{LABELS[metric]} per dataset and method (mean ± std over seeds; test split)")
-    handles, labels = ax.get_legend_handles_labels()
-    if (rows["source"] == SOURCE_VAL).any():
-        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="//"))
-        labels.append(f"{FALLBACK_MARK} val (best search trial)")
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    handles = [Patch(color=_colour(m), label=label_method(m)) for m in methods]  # plain: a hatched first bar
+    if (rows["source"] == SOURCE_VAL).any():                                       # must not set the swatch
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="//",
+                             label=f"{FALLBACK_MARK} val (best search trial)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _png(fig)
 
 
@@ -858,7 +908,8 @@ def _normalise(values: list[Any]) -> tuple[list[float], str, str, bool]:
         return out, _fmt_value(float(lo)), _fmt_value(float(hi)), log_scale
     cats = sorted({str(v) for v in present})
     pos = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
-    return [math.nan if v is None else pos[str(v)] for v in values], cats[0] if cats else "", cats[-1] if cats else "", False
+    ys = [math.nan if v is None else pos[str(v)] for v in values]
+    return ys, (cats[0] if cats else ""), (cats[-1] if cats else ""), False
 
 
 def plot_parallel(trials: pl.DataFrame) -> bytes | None:
@@ -881,18 +932,17 @@ def plot_parallel(trials: pl.DataFrame) -> bytes | None:
     if not panels:
         log.info("parallel-coordinates plot skipped: no dataset x method has >= 2 scored search trials with parameters")
         return None
-    datasets = list(dict.fromkeys((s, d) for s, d, *_ in panels))
-    methods = list(dict.fromkeys(m for _, _, m, *_ in panels))
+    # Panels flow in reading order, as many per row as the busiest dataset has methods (at most 3).
+    per_dataset = max(sum(1 for s, d, *_ in panels if (s, d) == key) for key in {(s, d) for s, d, *_ in panels})
+    ncols = min(3, per_dataset)
+    nrows = math.ceil(len(panels) / ncols)
     max_axes = max(len(used) + 1 for *_, used in panels)
-    fig = Figure(figsize=(max(5.0, 1.25 * max_axes + 1.5) * len(methods), 3.6 * len(datasets) + 0.8))
-    axes = fig.subplots(len(datasets), len(methods), squeeze=False)
-    for ax_row in axes:
-        for ax in ax_row:
-            ax.set_visible(False)
+    fig = Figure(figsize=(max(5.0, 1.25 * max_axes + 1.5) * ncols, 3.4 * nrows + 0.8))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     cmap = colormaps["viridis"]
-    for scope, d, m, g, used in panels:
-        ax = axes[datasets.index((scope, d))][methods.index(m)]
-        ax.set_visible(True)
+    for ax, (scope, d, m, g, used) in zip(axes, panels):
         cols = [*used, "best_val_mAP"]
         normed, ends, names = [], [], []
         for c in cols:
@@ -900,9 +950,11 @@ def plot_parallel(trials: pl.DataFrame) -> bytes | None:
             y, lo, hi, is_log = _normalise(vals)
             normed.append(y)
             ends.append((lo, hi))
-            names.append("best val mAP (%)" if c == "best_val_mAP" else c.removeprefix("param.") + (" (log)" if is_log else ""))
+            names.append("best val mAP (%)" if c == "best_val_mAP"
+                         else c.removeprefix("param.") + (" (log)" if is_log else ""))
         score = g["best_val_mAP"].to_numpy()
-        norm = Normalize(vmin=100 * float(score.min()), vmax=100 * float(score.max()) + (1e-9 if score.min() == score.max() else 0))
+        lo, hi = 100 * float(score.min()), 100 * float(score.max())
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
         stopped = (g["status"] == "stopped").to_list()
         xs = list(range(len(cols)))
         for i in np.argsort(score):  # best trials drawn last, on top
@@ -921,9 +973,11 @@ def plot_parallel(trials: pl.DataFrame) -> bytes | None:
         ax.set_xlim(-0.3, len(cols) - 0.7)
         for side in ("top", "right", "left"):
             ax.spines[side].set_visible(False)
-        ax.set_title(f"{_panel_key(scope, d).replace(chr(10), ' ')}: {label_method(m)} ({g.height} trials)", fontsize=10)
+        title = _panel_key(scope, d).replace("\n", " ")
+        ax.set_title(f"{title}: {label_method(m)} ({g.height} trials)", fontsize=10)
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="best val mAP (%)", fraction=0.05, pad=0.02)
-    legend = [Line2D([], [], color="0.3", ls="-", label="completed"), Line2D([], [], color="0.3", ls="--", label="ASHA-stopped")]
+    legend = [Line2D([], [], color="0.3", ls="-", label="completed"),
+              Line2D([], [], color="0.3", ls="--", label="ASHA-stopped")]
     fig.legend(handles=legend, loc="upper right", ncols=2, frameon=False, fontsize=8)
     fig.suptitle("Search trials, parameters normalised to [0, 1] per panel (end values printed; log10 where a "
                  "parameter spans a decade)", fontsize=10, x=0.02, ha="left")
@@ -970,14 +1024,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m harness.leaderboard", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[1],
-        epilog="Files: leaderboard.md, leaderboard.csv and the plots (leaderboard-<metric>.png, "
-               "leaderboard-importance.png, leaderboard-parallel.png) are written to --report-dir, by default "
-               "the results folder: results/ with no RESULTS_DIR, else the first RESULTS_DIR, or its parent "
-               "when it is itself a sweep folder. --out PATH writes the chosen --format to PATH; without it, "
-               "the format is printed. CSV/JSON: one record per dataset x method (kind = result), plus per-method "
-               "mean rows (kind = mean) and the published rows shown (kind = published); metrics in percent, "
-               "delta in percentage points, p and p_holm as probabilities. Statistics: paired bootstrap over "
-               f"seeds (B = {N_BOOT:,}, RNG seed {RNG_SEED}), Holm across datasets per method, alpha = {ALPHA}.")
+        epilog="\n\n".join(textwrap.fill(t, 100, break_on_hyphens=False) for t in (
+            "Files: leaderboard.md, leaderboard.csv and the plots (leaderboard-<metric>.png, "
+            "leaderboard-importance.png, leaderboard-parallel.png) go to --report-dir; by default to the results "
+            "folder: results/ when no RESULTS_DIR is given, else the first RESULTS_DIR, or its parent when it is "
+            "itself a sweep folder. --out PATH writes the chosen --format to PATH; without it the format is printed.",
+            "Several sweeps of one dataset x method: the newest (manifest written_at) wins; --all keeps each.",
+            "CSV/JSON: one record per dataset x method (kind=result), per-method means (kind=mean) and the "
+            "published rows shown (kind=published); metrics in percent, delta in percentage points, p and "
+            "p_holm as probabilities.",
+            f"Statistics: paired bootstrap over seeds (B = {N_BOOT:,}, RNG seed {RNG_SEED}), two-sided p, "
+            f"Holm across datasets per method, alpha = {ALPHA}. Exit status 2 on bad input.")))
     ap.add_argument("dirs", nargs="*", metavar="RESULTS_DIR",
                     help="results folders to search for sweeps (or sweep folders); default: results/")
     ap.add_argument("--format", choices=("rich", "markdown", "csv", "json", "html"), default="rich",
@@ -1012,37 +1069,39 @@ def _write(path: Path, data: str | bytes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     dirs = [Path(d) for d in args.dirs] or [Path("results")]
     try:
         loaded = load_results(dirs)
         trials = loaded.trials if args.all else select_newest(loaded.trials)
         board = aggregate(trials, args.metric, keep_all=args.all)
-        datasets = board.filter(pl.col("dataset") != "mean")["dataset"].unique().to_list()
+        datasets = board.filter(pl.col("kind") == "result")["dataset"].unique().to_list()
         published = published_rows(load_published(), datasets, args.published)
         with_sweep = args.all or board["sweep_id"].drop_nulls().n_unique() > 1
+        sweeps = loaded.sweeps.filter(pl.col("sweep_id").is_in(board["sweep_id"].drop_nulls().to_list()))
         table = full_table(board, published)
         want_plots = not args.no_report or args.format == "html"
         plots = render_plots(board, trials, args.metric, keep_all=args.all) if want_plots else {}
+        where = args.report_dir or report_dir(dirs, bool(args.dirs))
         if not args.no_report:
-            where = args.report_dir or report_dir(dirs, bool(args.dirs))
             for name, png in plots.items():
                 _write(where / name, png)
-            _write(where / "leaderboard.md", render_markdown(board, published, loaded.sweeps, list(plots), with_sweep))
+            _write(where / "leaderboard.md", render_markdown(board, published, sweeps, list(plots), with_sweep))
             _write(where / "leaderboard.csv", render_csv(table))
         if args.format == "rich":
-            text = render_rich(board, published, with_sweep, width=160 if args.out else None)
+            text = render_rich(board, published, with_sweep, width=200 if args.out else None)
         elif args.format == "markdown":
-            rel = [os.path.relpath((args.report_dir or report_dir(dirs, bool(args.dirs))) / n,
-                                   (args.out.parent if args.out else Path.cwd())) for n in plots] if not args.no_report else []
-            text = render_markdown(board, published, loaded.sweeps, rel, with_sweep)
+            base = args.out.parent if args.out else Path.cwd()  # plot links relative to where the text lands
+            links = [] if args.no_report else [os.path.relpath(where / n, base) for n in plots]
+            text = render_markdown(board, published, sweeps, links, with_sweep)
         elif args.format == "csv":
             text = render_csv(table)
         elif args.format == "json":
             text = render_json(table)
         else:
-            text = render_html(board, published, loaded.sweeps, plots, with_sweep)
+            text = render_html(board, published, sweeps, plots, with_sweep)
         if args.out:
             _write(args.out, text)
         else:

@@ -148,7 +148,8 @@ def test_paired_bootstrap_known_cases():
     delta, p = lb.paired_bootstrap([0.6, 0.63, 0.66], [0.5, 0.52, 0.54])
     assert delta == pytest.approx(0.11) and p == pytest.approx(P_FLOOR)  # every Δ* > 0
     assert lb.paired_bootstrap([0.4, 0.5, 0.6], [0.4, 0.5, 0.6]) == (0.0, 1.0)  # identical: every Δ* = 0
-    assert lb.paired_bootstrap([0.5, 0.4], [0.6, 0.3], rng_seed=3) == lb.paired_bootstrap([0.5, 0.4], [0.6, 0.3], rng_seed=3)
+    again = lb.paired_bootstrap([0.5, 0.4], [0.6, 0.3], rng_seed=3)
+    assert lb.paired_bootstrap([0.5, 0.4], [0.6, 0.3], rng_seed=3) == again  # fixed RNG: deterministic
     with pytest.raises(ValueError):
         lb.paired_bootstrap([0.5], [0.4])
 
@@ -218,7 +219,8 @@ def test_missing_cells_and_failed_trials(golden: Path):
     clip = row(board, "lion", "clipreid")
     assert (clip["trials"], clip["errors"], clip["stopped"]) == (5, 0, 1)
     assert row(board, "lion", "zeroshot")["images_per_s"] is None  # NaN only
-    header, cells = lb.display_rows(board.filter((pl.col("dataset") == "nyala") & (pl.col("method") == "zeroshot")), False)
+    only = board.filter((pl.col("dataset") == "nyala") & (pl.col("method") == "zeroshot"))
+    header, cells = lb.display_rows(only, False)
     assert cells[0][header.index("mAP")] == lb.DASH and cells[0][header.index("Source")] == lb.DASH
 
 
@@ -237,7 +239,7 @@ def test_mean_rows_cover_datasets_where_clipreid_has_results(golden: Path):
     assert set(by) == {"zeroshot", "clipreid", "indivaid"}  # indivaid-mean has no test rows
     assert by["clipreid"]["mAP_mean"] == pytest.approx(47.0) and by["indivaid"]["mAP_mean"] == pytest.approx(52.5)
     assert by["indivaid"]["delta"] == pytest.approx(5.5) and by["indivaid"]["source"] == "mean of 2 datasets (test)"
-    assert by["zeroshot"]["source"] == "mean of 1 datasets (test)" and by["zeroshot"]["delta"] == pytest.approx(-32.0)
+    assert by["zeroshot"]["source"] == "mean of 1 dataset (test)" and by["zeroshot"]["delta"] == pytest.approx(-32.0)
 
 
 def test_different_splits_are_not_tested(tmp_path: Path):
@@ -256,7 +258,8 @@ def test_newest_sweep_wins_unless_all(tmp_path: Path, capsys: pytest.CaptureFixt
     write_sweep(tmp_path, "first", old, written_at=WRITTEN_AT)  # ... but the newer manifest: written_at decides
     write_sweep(tmp_path, "rerun", new, written_at=WRITTEN_AT + 3600)
     board = board_of(tmp_path)
-    assert row(board, "lion", "indivaid")["sweep_id"] == "rerun" and row(board, "lion", "indivaid")["mAP_mean"] == pytest.approx(70.0)
+    newest = row(board, "lion", "indivaid")
+    assert newest["sweep_id"] == "rerun" and newest["mAP_mean"] == pytest.approx(70.0)
     assert row(board, "lion", "clipreid")["sweep_id"] == "first"  # the rerun did not run CLIP-ReID: kept
     assert row(board, "lion", "indivaid")["delta"] == pytest.approx(40.0)
     every = board_of(tmp_path, keep_all=True)
@@ -265,7 +268,8 @@ def test_newest_sweep_wins_unless_all(tmp_path: Path, capsys: pytest.CaptureFixt
     assert row(every, "lion", "indivaid", "rerun")["delta"] is None  # no CLIP-ReID inside that sweep
     assert row(every, "lion", "indivaid", "first")["delta"] == pytest.approx(0.0)
     code, out, _ = run_main([str(tmp_path), "--all", "--format", "markdown", "--no-report"], capsys)
-    assert code == 0 and "| Sweep |" in out and "| first | Lion | IndivAID |" in out and "| rerun | Lion | IndivAID |" in out
+    assert code == 0 and "| Sweep |" in out
+    assert "| first | Lion | IndivAID |" in out and "| rerun | Lion | IndivAID |" in out
 
 
 def test_tolerates_missing_and_all_null_columns(tmp_path: Path):
@@ -337,7 +341,7 @@ GOLDEN_TABLE = """\
 | Nyala | CLIP-ReID | test (final runs) | 3 | 52.0 ± 2.0 | 62.0 ± 2.0 | 67.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | ref | — | stage2.lr=5e-06 | 4 | 0 | 2.00 | 105 |
 | Nyala | IndivAID | test (final runs) | 3 | 52.0 ± 2.0 | 62.0 ± 2.0 | 67.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | +0.0 n.s. | 1.000 | fusion.heads=4, stage2.lr=8e-06 | 4 | 0 | 2.00 | 105 |
 | Nyala | IndivAID (mean fusion) † | val (best search trial) | 1 | 55.0 | 65.0 | 70.0 | 45.0 | 35.0 | — | — | stage2.lr=1e-05 | 2 | 0 | 1.00 | 60 |
-| mean | zero-shot CLIP | mean of 1 datasets (test) | — | 30.0 | 40.0 | 45.0 | 20.0 | 10.0 | -32.0 n/a | — | — | — | — | — | — |
+| mean | zero-shot CLIP | mean of 1 dataset (test) | — | 30.0 | 40.0 | 45.0 | 20.0 | 10.0 | -32.0 n/a | — | — | — | — | — | — |
 | mean | CLIP-ReID | mean of 2 datasets (test) | — | 57.0 | 67.0 | 72.0 | 47.0 | 37.0 | ref | — | — | — | — | — | — |
 | mean | IndivAID | mean of 2 datasets (test) | — | 62.5 | 72.5 | 77.5 | 52.5 | 42.5 | +5.5 n/a | — | — | — | — | — | — |
 """
@@ -357,7 +361,8 @@ def test_markdown_golden(golden: Path):
 
 def test_published_rows_only_known_numbers_with_citations(tmp_path: Path):
     pub = lb.load_published()
-    cells = {(r["dataset"], r["method"], m): r[m] for r in pub.iter_rows(named=True) for m in lb.METRICS if r[m] is not None}
+    cells = {(r["dataset"], r["method"], m): r[m]
+             for r in pub.iter_rows(named=True) for m in lb.METRICS if r[m] is not None}
     assert cells == {("stoat", "indivaid", "rank1"): 71.82, ("stoat", "indivaid", "mAP"): 52.54,
                      ("msmt17", "clipreid", "rank1"): 88.7, ("msmt17", "clipreid", "mAP"): 73.4,
                      ("market1501", "clipreid", "rank1"): 95.5, ("market1501", "clipreid", "mAP"): 89.6,
@@ -378,10 +383,12 @@ def test_published_rows_only_known_numbers_with_citations(tmp_path: Path):
 
 def test_csv_and_json_records(golden: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "board.csv"
-    code, _, _ = run_main([str(golden), "--format", "csv", "--out", str(out), "--no-report", "--published", "all"], capsys)
+    argv = [str(golden), "--format", "csv", "--out", str(out), "--no-report", "--published", "all"]
+    code, _, _ = run_main(argv, capsys)
     assert code == 0
     csv = pl.read_csv(out)
-    assert {"kind", "sweep_id", "source", "n", "mAP_mean", "mAP_std", "delta", "p", "p_holm", "significant"} <= set(csv.columns)
+    wanted = {"kind", "sweep_id", "source", "n", "mAP_mean", "mAP_std", "delta", "p", "p_holm", "significant"}
+    assert wanted <= set(csv.columns)
     res = csv.filter(pl.col("kind") == "result")
     assert res.height == 8 and csv.filter(pl.col("kind") == "mean").height == 3
     ind = res.filter((pl.col("dataset") == "lion") & (pl.col("method") == "indivaid")).row(0, named=True)
@@ -419,14 +426,14 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def searched_rows() -> list[dict[str, Any]]:
-    """The golden rows plus five search trials per trained method on lion, enough for correlations."""
+    """The golden rows plus a search-only dataset with five trials per trained method: exact rank correlations."""
     rows = golden_rows()
     for k in range(5):
         lr, heads = 1e-6 * 3 ** k, [1, 2, 4, 8, 16][k]
-        rows += [trial("lion", "clipreid", "search", val=0.3 + 0.05 * k, params={"stage2.lr": lr}, tag=10 + k,
+        rows += [trial("atrw", "clipreid", "search", val=0.3 + 0.05 * k, params={"stage2.lr": lr}, tag=10 + k,
                        status="stopped" if k == 0 else "completed"),
-                 trial("lion", "indivaid", "search", val=0.5 - 0.04 * k, params={"stage2.lr": lr, "fusion.heads": heads},
-                       tag=10 + k)]
+                 trial("atrw", "indivaid", "search", val=0.5 - 0.04 * k,
+                       params={"stage2.lr": lr, "fusion.heads": heads}, tag=10 + k)]
     return rows
 
 
@@ -434,8 +441,8 @@ def test_plots_are_valid_pngs(tmp_path: Path):
     write_sweep(tmp_path, "searched", searched_rows())
     trials = lb.load_results([tmp_path]).trials
     imp = lb.hyperparameter_importance(trials)
-    lion = imp.filter((pl.col("dataset") == "lion") & (pl.col("method") == "indivaid"))
-    assert dict(zip(lion["param"], lion["importance"])) == pytest.approx({"fusion.heads": 1.0, "stage2.lr": 1.0})
+    atrw = imp.filter((pl.col("dataset") == "atrw") & (pl.col("method") == "indivaid"))
+    assert dict(zip(atrw["param"], atrw["importance"])) == pytest.approx({"fusion.heads": 1.0, "stage2.lr": 1.0})
     plots = lb.render_plots(lb.aggregate(trials, "mAP"), trials, "mAP")
     assert set(plots) == {"leaderboard-mAP.png", "leaderboard-importance.png", "leaderboard-parallel.png"}
     for name, png in plots.items():
@@ -443,8 +450,11 @@ def test_plots_are_valid_pngs(tmp_path: Path):
         assert w >= 300 and h >= 200 and len(png) > 5_000, (name, w, h, len(png))
 
 
-def test_main_end_to_end_writes_report_next_to_results(golden: Path, capsys: pytest.CaptureFixture[str]):
-    code, out, _ = run_main([str(golden / "golden"), "--metric", "Rank-1"], capsys)  # a sweep folder: report in its parent
+def test_main_end_to_end_writes_report_next_to_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    golden = tmp_path / "results"
+    write_sweep(golden, "searched", searched_rows())
+    # a sweep folder is given: the report goes to its parent, the results folder
+    code, out, _ = run_main([str(golden / "searched"), "--metric", "Rank-1"], capsys)
     assert code == 0 and "Leaderboard" in out and "IndivAID" in out
     md = (golden / "leaderboard.md").read_text()
     assert "Δ Rank-1 vs CLIP-ReID (pp)" in md and "![leaderboard-rank1](leaderboard-rank1.png)" in md
@@ -459,3 +469,14 @@ def test_import_does_not_load_ray_or_torch():
     code = "import harness.leaderboard, sys; print('ray' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_default_reads_results_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]):
+    write_sweep(tmp_path / "results", "golden", golden_rows())
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_main(["--out", "table.txt"], capsys)  # rich, written to a file: plain text
+    text = (tmp_path / "table.txt").read_text()
+    assert code == 0 and not out and "Leaderboard" in text and "CLIP-ReID" in text and "\x1b[" not in text
+    assert {p.name for p in (tmp_path / "results").glob("leaderboard*")} == {
+        "leaderboard.md", "leaderboard.csv", "leaderboard-mAP.png", "leaderboard-parallel.png"}  # too few for importance
