@@ -434,14 +434,15 @@ def init_ray(address: str | None, storage: Path) -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console boxes would fight the live table
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # full logs stay in Ray's session folder
-    if address:
-        ray.init(address=address, **quiet)
+    if address:  # the cluster's workers do not inherit this process's environment
+        env = {k: os.environ[k] for k in ("RAY_CHDIR_TO_TRIAL_DIR", "INDIVAID_DATA") if k in os.environ}
+        ctx = ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
     else:
         # Short temp dir: AF_UNIX socket paths are limited to 107 bytes.
         tmp = Path(tempfile.gettempdir()) / f"ray-{os.getuid()}"
         ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp), **quiet)
-        if getattr(ctx, "dashboard_url", None):
-            console.print(f"Ray dashboard: http://{ctx.dashboard_url}")
+    if getattr(ctx, "dashboard_url", None):
+        console.print(f"Ray dashboard: http://{ctx.dashboard_url}")
 
 
 def cache_configs(sweep: SweepConfig, dataset: str) -> list[dict[str, Any]]:
