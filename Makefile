@@ -1,5 +1,6 @@
 # Two commands do all setup on a fresh machine with only Python:
-#   make demo   -- create .venv, install, run the main job on the embedded default (synthetic data, tiny model, CPU)
+#   make demo   -- create .venv, install, run the smoke sweep (Ray Tune + Optuna + ASHA on synthetic data, tiny
+#                  model, CPU; ~5 min on 2 cores) and print its leaderboard (results/leaderboard.md, plots)
 #   make test   -- create .venv if needed, install with test extras, run the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# --resume: a second `make demo` reuses the finished sweep instead of refusing to overwrite it.
 demo: install
-	$(PY) -m indivaid demo
+	$(PY) -m harness.sweep sweeps/smoke.yaml --resume
+	$(PY) -m harness.leaderboard results/smoke
 
 test: install
 	$(PY) -m pytest

@@ -294,8 +294,9 @@ def write_split(split: Split, path: str | Path) -> Path:
     return path
 
 
-def read_split(path: str | Path, root: str | Path | None = None) -> Split:
-    """Read a split file; ``root`` overrides the recorded data location (data moved machines)."""
+def read_split(path: str | Path, root: str | Path | None = None, *, check: bool = True) -> Split:
+    """Read a split file; ``root`` overrides the recorded data location (data moved machines).
+    ``check=False`` skips the usability checks (and their warnings) when only reading records."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -321,5 +322,6 @@ def read_split(path: str | Path, root: str | Path | None = None) -> Split:
     df = df.with_columns(pl.col("path").map_elements(lambda p: str(base / p), return_dtype=pl.String),
                          pl.col("camera").fill_null("0"))
     split = Split(df, header, base)
-    check_split(split)
+    if check:
+        check_split(split)
     return split
