@@ -2,11 +2,12 @@
 
 Per dataset x method: the final runs (best searched config, several seeds, scored on test) as mean
 ± sample std of Rank-1/5/10, mAP and mINP; the difference to CLIP-ReID on the same dataset with a
-paired bootstrap over seeds, Holm-corrected per method across datasets; what it cost (trials,
-failures, GPU-hours, images/s). A dataset x method without final runs falls back to its best
-search trial, selected and scored on validation (marked †, never tested). Published numbers from
-``harness/published.csv`` are shown beside, as context. Plots: the metric per dataset and method,
-hyperparameter importance and a parallel-coordinates view of the search.
+paired bootstrap over seeds when both ran at least 5 of the same seeds (fewer: Δ shown, not tested),
+Holm-corrected per method across datasets; what it cost (trials, failures, GPU-hours,
+images/s). A dataset x method without final runs falls back to its best search trial, selected and
+scored on validation (marked †, never tested). Published numbers from ``harness/published.csv`` are
+shown beside, as context. Plots: the metric per dataset and method, hyperparameter importance and a
+parallel-coordinates view of the search.
 
 Runs on a laptop with results copied from a cluster: polars, numpy, matplotlib (Agg) and rich;
 no Ray, no torch at import time.
@@ -50,6 +51,10 @@ DATASET_LABELS = {"atrw": "ATRW", "friesiancattle2017": "FriesianCattle2017", "i
                   "dukemtmc": "DukeMTMC-reID", "veri776": "VeRi-776"}
 N_BOOT = 10_000
 RNG_SEED = 0
+# Paired seeds a comparison needs before it is tested: the default number of final seeds a sweep runs.
+# Below it the bootstrap is degenerate (too few distinct resamples: C(2n - 1, n), 10 for n = 3, 35 for
+# n = 4), so differences of one sign put p at its floor 2/(B + 1) whatever their size.
+MIN_PAIRS = 5
 ALPHA = 0.05
 DASH = "—"
 FALLBACK_MARK = "†"
@@ -238,6 +243,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = N_BOO
     The seed pairs are resampled with replacement n_boot times (fixed RNG: deterministic output);
     p = 2 * min((1 + #{Δ* <= 0}) / (n_boot + 1), (1 + #{Δ* >= 0}) / (n_boot + 1)), capped at 1. The
     +1s count the observed sample as one of the resamples, so p is never 0 (its floor is 2/(B+1)).
+    Accepts any n >= 2, but n pairs have only C(2n - 1, n) distinct resamples: the board tests only
+    comparisons with at least MIN_PAIRS pairs.
     """
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.ndim != 1 or d.size < 2:
@@ -355,7 +362,8 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
     """Δ vs CLIP-ReID (pp), the paired bootstrap p and its Holm adjustment per method across datasets.
 
     Pairs are the seeds both ran (per-seed mean if a seed appears twice). Δ = mean paired
-    difference; for an untrained method or without a shared seed, the difference of the means.
+    difference, tested only with at least MIN_PAIRS pairs (1 to MIN_PAIRS - 1: shown, not tested);
+    for an untrained method or without a shared seed, the difference of the means, not tested.
     """
     col = f"test_{metric}"
     per_seed = final.filter(pl.col(col).is_not_null()).group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
@@ -387,12 +395,15 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
             delta, note = r[f"{metric}_mean"] - r["ref_mean"], "different splits from CLIP-ReID's: not tested"
         elif r["method"] in UNTRAINED:
             delta, note = r[f"{metric}_mean"] - r["ref_mean"], "no training (one deterministic run): not tested"
-        elif n >= 2:
+        elif n >= MIN_PAIRS:
             d, p = paired_bootstrap(r["a"], r["b"])
             delta = 100 * d
         else:
-            delta = r[f"{metric}_mean"] - r["ref_mean"] if n == 0 else 100 * (r["a"][0] - r["b"][0])
-            note = f"{n} paired seed{'s' if n != 1 else ''}: not tested (needs 2)"
+            if n == 0:
+                delta = r[f"{metric}_mean"] - r["ref_mean"]
+            else:
+                delta = 100 * float(np.mean(np.asarray(r["a"], dtype=float) - np.asarray(r["b"], dtype=float)))
+            note = f"{n} paired seed{'s' if n != 1 else ''}: not tested (needs {MIN_PAIRS})"
         deltas.append(delta)
         ps.append(p)
         n_pairs.append(n)
@@ -580,6 +591,7 @@ def published_display_rows(published: pl.DataFrame) -> tuple[list[str], list[lis
 def legend_lines(metric: str) -> list[str]:
     """What the marks, n and the statistics mean (markdown; the HTML and rich renderers reuse it)."""
     lab = LABELS[metric]
+    few, more = (math.comb(2 * n - 1, n) for n in (MIN_PAIRS - 2, MIN_PAIRS - 1))  # distinct resamples of n pairs
     return [
         "Metrics: percent; mean ± sample std (ddof = 1) over the final runs, i.e. the best searched config "
         "re-run with n seeds and scored on the test split; one number when n = 1. "
@@ -592,8 +604,12 @@ def legend_lines(metric: str) -> list[str]:
         f"Test: paired bootstrap over seeds, B = {N_BOOT:,} resamples of the seed pairs (RNG seed {RNG_SEED}), "
         "two-sided p = 2·min((1 + #{Δ* ≤ 0}), (1 + #{Δ* ≥ 0})) / (B + 1), capped at 1; Holm-corrected per "
         f"method across datasets; `*` = significant at α = {ALPHA} after Holm, `n.s.` = not significant, "
-        "`n/a` = not tested (fewer than 2 paired seeds, no training, or different splits). With few seeds "
-        "the bootstrap is optimistic: 2 seeds with differences of one sign already give p = 2/(B + 1).",
+        f"`n/a` = not tested (fewer than {MIN_PAIRS} paired seeds, no training, or different splits). "
+        f"The test needs {MIN_PAIRS} paired seeds because the bootstrap of fewer is degenerate: too few "
+        f"distinct resamples ({few} for {MIN_PAIRS - 2} seeds, {more} for {MIN_PAIRS - 1}), so differences "
+        "of one sign put every resample on one side of 0 and p at its floor 2/(B + 1) whatever their size; "
+        f"with fewer seeds Δ is the mean paired difference, not tested. Even with {MIN_PAIRS} seeds the "
+        "bootstrap is optimistic: differences of one sign still give p = 2/(B + 1).",
         "mean rows: the unweighted mean over the datasets where the method and CLIP-ReID both have test "
         "results (shown with two or more datasets; not tested).",
         "Trials: every trial of the dataset × method (search and final, including ASHA-stopped and failed); "
@@ -687,7 +703,7 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
         console.print(table)
     console.print(f"{FALLBACK_MARK} val = selected on validation (best search trial, no final run); * / n.s. = "
                   f"significant or not at α = {ALPHA} (paired bootstrap over seeds, Holm across datasets); "
-                  "n/a = not tested. Full legend in leaderboard.md.")
+                  f"n/a = not tested (e.g. fewer than {MIN_PAIRS} paired seeds). Full legend in leaderboard.md.")
     if published is not None and published.height:
         ph, prows = published_display_rows(published)
         pt = Table(title="Published numbers (context, not like-for-like)", box=box.SIMPLE_HEAD)
@@ -1034,7 +1050,8 @@ def build_parser() -> argparse.ArgumentParser:
             "published rows shown (kind=published); metrics in percent, delta in percentage points, p and "
             "p_holm as probabilities.",
             f"Statistics: paired bootstrap over seeds (B = {N_BOOT:,}, RNG seed {RNG_SEED}), two-sided p, "
-            f"Holm across datasets per method, alpha = {ALPHA}. Exit status 2 on bad input.")))
+            f"only with at least {MIN_PAIRS} paired seeds (fewer: Δ shown, not tested), Holm across datasets "
+            f"per method, alpha = {ALPHA}. Exit status 2 on bad input.")))
     ap.add_argument("dirs", nargs="*", metavar="RESULTS_DIR",
                     help="results folders to search for sweeps (or sweep folders); default: results/")
     ap.add_argument("--format", choices=("rich", "markdown", "csv", "json", "html"), default="rich",

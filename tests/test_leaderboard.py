@@ -77,16 +77,17 @@ def write_sweep(root: Path, name: str, rows: list[dict[str, Any]], *, written_at
 
 
 def golden_rows() -> list[dict[str, Any]]:
-    """Two datasets. Lion: IndivAID beats CLIP-ReID by 10, 11, 12 points on seeds 0-2 (Δ +11.0, p at its
-    floor); CLIP-ReID 52 ± 2, IndivAID 63 ± 3; zero-shot 20; one IndivAID search trial failed. Nyala:
-    IndivAID equals CLIP-ReID on every seed (Δ 0, p = 1); IndivAID (mean fusion) has only search trials
-    (fallback, val mAP 45); no zero-shot run."""
+    """Two datasets, five final seeds (MIN_PAIRS) per trained method. Lion: CLIP-ReID 51, 51, 52, 53, 53
+    (52 ± 1); IndivAID beats it by 10, 14, 11, 12, 13 points on seeds 0-4: 61, 65, 63, 65, 66 (64 ± 2;
+    Δ +12.0, every difference positive, so p at its floor); zero-shot 20; one IndivAID search trial
+    failed. Nyala: IndivAID equals CLIP-ReID on every seed, 40, 40, 42, 44, 44 (42 ± 2; Δ 0, p = 1);
+    IndivAID (mean fusion) has only search trials (fallback, val mAP 45); no zero-shot run."""
     clip, ind = {"stage2.lr": 5e-6}, {"stage2.lr": 8e-6, "fusion.heads": 4}
     rows = []
-    for s, (c, i) in enumerate([(0.50, 0.60), (0.52, 0.63), (0.54, 0.66)]):
+    for s, (c, i) in enumerate([(0.51, 0.61), (0.51, 0.65), (0.52, 0.63), (0.53, 0.65), (0.53, 0.66)]):
         rows += [trial("lion", "clipreid", "final", seed=s, test=c, params=clip),
                  trial("lion", "indivaid", "final", seed=s, test=i, params=ind)]
-    for s, v in enumerate([0.40, 0.42, 0.44]):
+    for s, v in enumerate([0.40, 0.40, 0.42, 0.44, 0.44]):
         rows += [trial("nyala", "clipreid", "final", seed=s, test=v, params=clip),
                  trial("nyala", "indivaid", "final", seed=s, test=v, params=ind)]
     rows += [
@@ -175,17 +176,18 @@ def test_paired_bootstrap_matches_exact_resampling_distribution(d):
 def test_board_numbers_significance_and_holm(golden: Path):
     board = board_of(golden)
     clip, ind = row(board, "lion", "clipreid"), row(board, "lion", "indivaid")
-    assert (clip["n"], ind["n"]) == (3, 3) and clip["source"] == ind["source"] == lb.SOURCE_TEST
-    assert clip["mAP_mean"] == pytest.approx(52.0) and clip["mAP_std"] == pytest.approx(2.0)  # ddof = 1
-    assert ind["mAP_mean"] == pytest.approx(63.0) and ind["mAP_std"] == pytest.approx(3.0)
-    assert ind["rank1_mean"] == pytest.approx(73.0) and ind["mINP_mean"] == pytest.approx(53.0)
-    assert ind["delta"] == pytest.approx(11.0) and ind["n_pairs"] == 3
+    assert (clip["n"], ind["n"]) == (5, 5) and clip["source"] == ind["source"] == lb.SOURCE_TEST
+    assert clip["mAP_mean"] == pytest.approx(52.0) and clip["mAP_std"] == pytest.approx(1.0)  # ddof = 1: 4 / 4
+    assert ind["mAP_mean"] == pytest.approx(64.0) and ind["mAP_std"] == pytest.approx(2.0)  # (9+1+1+1+4) / 4
+    assert ind["rank1_mean"] == pytest.approx(74.0) and ind["mINP_mean"] == pytest.approx(54.0)
+    assert ind["delta"] == pytest.approx(12.0) and ind["n_pairs"] == lb.MIN_PAIRS == 5
     # IndivAID's family: lion (p at its floor) and nyala (p = 1): Holm doubles the smaller one.
     assert ind["p"] == pytest.approx(P_FLOOR) and ind["p_holm"] == pytest.approx(2 * P_FLOOR)
     assert ind["significant"] is True and ind["test"] == "*"
     same = row(board, "nyala", "indivaid")
     assert same["delta"] == pytest.approx(0.0) and same["p"] == 1.0 and same["p_holm"] == 1.0
-    assert same["significant"] is False and same["test"] == "n.s."
+    assert same["significant"] is False and same["test"] == "n.s." and same["n_pairs"] == 5
+    assert ind["note"] is None and same["note"] is None
     assert clip["test"] == "ref" and clip["delta"] is None
     assert ind["best_config"] == "fusion.heads=4, stage2.lr=8e-06" and clip["best_config"] == "stage2.lr=5e-06"
     zs = row(board, "lion", "zeroshot")
@@ -195,17 +197,63 @@ def test_board_numbers_significance_and_holm(golden: Path):
 
 def test_noisy_difference_is_not_significant_and_one_seed_is_not_tested(tmp_path: Path):
     rows = []
-    for s, (c, i) in enumerate([(0.50, 0.53), (0.52, 0.50), (0.54, 0.55), (0.56, 0.535)]):  # Δ = +3, -2, +1, -2.5
+    for s, (c, i) in enumerate([(0.50, 0.53), (0.52, 0.50), (0.54, 0.55), (0.56, 0.535),
+                                (0.58, 0.57)]):  # Δ = +3, -2, +1, -2.5, -1: mean -0.3
         rows += [trial("atrw", "clipreid", "final", seed=s, test=c), trial("atrw", "indivaid", "final", seed=s, test=i)]
     rows += [trial("lion", "clipreid", "final", seed=0, test=0.5), trial("lion", "indivaid", "final", seed=0, test=0.6),
              trial("lion", "clipreid", "final", seed=1, test=0.5)]  # IndivAID's seed 1 never ran: one pair
     write_sweep(tmp_path, "noisy", rows)
     board = board_of(tmp_path)
     noisy = row(board, "atrw", "indivaid")
-    assert noisy["delta"] == pytest.approx(-0.125) and noisy["p"] > 0.5 and noisy["test"] == "n.s."
+    assert noisy["n_pairs"] == 5 and noisy["delta"] == pytest.approx(-0.3)
+    assert noisy["p"] > 0.5 and noisy["test"] == "n.s." and noisy["significant"] is False
     one = row(board, "lion", "indivaid")
     assert one["n_pairs"] == 1 and one["delta"] == pytest.approx(10.0) and one["p"] is None and one["test"] == "n/a"
+    assert one["note"] == "1 paired seed: not tested (needs 5)"
     assert noisy["p_holm"] == pytest.approx(noisy["p"])  # a family of one: Holm changes nothing
+
+
+def test_fewer_than_min_pairs_show_the_paired_delta_untested(tmp_path: Path):
+    """3 and 4 paired seeds whose differences share a sign: the bootstrap would put p at its floor
+    (a meaningless `*`), so Δ is shown as the mean paired difference, test n/a, and the rows stay out
+    of the Holm family (the one 5-seed comparison is adjusted alone)."""
+    assert lb.MIN_PAIRS == 5
+    rows = []
+    for s, c in enumerate([0.50, 0.52, 0.54, 0.70]):  # CLIP-ReID seed 3 has no IndivAID partner: 3 pairs
+        rows.append(trial("lion", "clipreid", "final", seed=s, test=c))
+    for s, i in enumerate([0.60, 0.63, 0.66]):  # beats CLIP-ReID by 10, 11, 12 points
+        rows.append(trial("lion", "indivaid", "final", seed=s, test=i))
+    for s in range(4):  # 4 pairs, every one +5 points
+        rows += [trial("atrw", "clipreid", "final", seed=s, test=0.40 + 0.01 * s),
+                 trial("atrw", "indivaid", "final", seed=s, test=0.45 + 0.01 * s)]
+    for s in range(5):  # 5 pairs, every one +10 points: tested
+        rows += [trial("nyala", "clipreid", "final", seed=s, test=0.30), trial("nyala", "indivaid", "final", seed=s,
+                                                                              test=0.40)]
+    write_sweep(tmp_path, "few", rows)
+    board = board_of(tmp_path)
+
+    three = row(board, "lion", "indivaid")
+    assert three["n_pairs"] == 3 and three["delta"] == pytest.approx(11.0)  # mean(10, 11, 12), not 63 - 56.5
+    assert three["p"] is None and three["p_holm"] is None and three["significant"] is None
+    assert three["test"] == "n/a" and three["note"] == "3 paired seeds: not tested (needs 5)"
+    four = row(board, "atrw", "indivaid")
+    assert four["n_pairs"] == 4 and four["delta"] == pytest.approx(5.0) and four["p"] is None
+    assert four["test"] == "n/a" and four["note"] == "4 paired seeds: not tested (needs 5)"
+    five = row(board, "nyala", "indivaid")
+    assert five["n_pairs"] == 5 and five["delta"] == pytest.approx(10.0) and five["note"] is None
+    assert five["p"] == pytest.approx(P_FLOOR) and five["p_holm"] == pytest.approx(P_FLOOR)  # a family of one
+    assert five["test"] == "*"
+    # the function itself still takes 3 pairs (and gives the degenerate floor the board now refuses to show)
+    assert lb.paired_bootstrap([0.60, 0.63, 0.66], [0.50, 0.52, 0.54]) == (pytest.approx(0.11), pytest.approx(P_FLOOR))
+
+    header, cells = lb.display_rows(board.filter(pl.col("kind") == "result"), False)
+    shown = {(c[0], c[1]): c for c in cells}
+    delta_col, p_col = header.index("Δ mAP vs CLIP-ReID (pp)"), header.index("p (Holm)")
+    assert shown[("Lion", "IndivAID")][delta_col] == "+11.0 n/a" and shown[("Lion", "IndivAID")][p_col] == lb.DASH
+    assert shown[("ATRW", "IndivAID")][delta_col] == "+5.0 n/a"
+    assert shown[("Nyala", "IndivAID")][delta_col] == "+10.0 *"
+    help_text = " ".join(lb.build_parser().format_help().split())
+    assert "at least 5 paired seeds" in help_text and "at least 5 of the same seeds" in help_text
 
 
 def test_missing_cells_and_failed_trials(golden: Path):
@@ -213,11 +261,11 @@ def test_missing_cells_and_failed_trials(golden: Path):
     missing = row(board, "nyala", "zeroshot")  # zero-shot ran on lion only
     assert missing["source"] is None and missing["trials"] == 0 and missing["mAP_mean"] is None
     ind = row(board, "lion", "indivaid")
-    assert (ind["trials"], ind["errors"]) == (5, 1)  # 3 final + 2 search, one failed
-    assert ind["gpu_hours"] == pytest.approx(2.0)  # 4 x 1800 s; the failure cost nothing
-    assert ind["images_per_s"] == pytest.approx(105.0)  # (3 x 120 + 60) / 4: the NaN of the failure is skipped
+    assert (ind["trials"], ind["errors"]) == (7, 1)  # 5 final + 2 search, one failed
+    assert ind["gpu_hours"] == pytest.approx(3.0)  # 6 x 1800 s; the failure cost nothing
+    assert ind["images_per_s"] == pytest.approx(110.0)  # (5 x 120 + 60) / 6: the NaN of the failure is skipped
     clip = row(board, "lion", "clipreid")
-    assert (clip["trials"], clip["errors"], clip["stopped"]) == (5, 0, 1)
+    assert (clip["trials"], clip["errors"], clip["stopped"]) == (7, 0, 1)
     assert row(board, "lion", "zeroshot")["images_per_s"] is None  # NaN only
     only = board.filter((pl.col("dataset") == "nyala") & (pl.col("method") == "zeroshot"))
     header, cells = lb.display_rows(only, False)
@@ -237,8 +285,8 @@ def test_mean_rows_cover_datasets_where_clipreid_has_results(golden: Path):
     means = board_of(golden).filter(pl.col("dataset") == "mean")
     by = {r["method"]: r for r in means.iter_rows(named=True)}
     assert set(by) == {"zeroshot", "clipreid", "indivaid"}  # indivaid-mean has no test rows
-    assert by["clipreid"]["mAP_mean"] == pytest.approx(47.0) and by["indivaid"]["mAP_mean"] == pytest.approx(52.5)
-    assert by["indivaid"]["delta"] == pytest.approx(5.5) and by["indivaid"]["source"] == "mean of 2 datasets (test)"
+    assert by["clipreid"]["mAP_mean"] == pytest.approx(47.0) and by["indivaid"]["mAP_mean"] == pytest.approx(53.0)
+    assert by["indivaid"]["delta"] == pytest.approx(6.0) and by["indivaid"]["source"] == "mean of 2 datasets (test)"
     assert by["zeroshot"]["source"] == "mean of 1 dataset (test)" and by["zeroshot"]["delta"] == pytest.approx(-32.0)
 
 
@@ -334,16 +382,16 @@ GOLDEN_TABLE = """\
 | Dataset | Method | Source | n | Rank-1 | Rank-5 | Rank-10 | mAP | mINP | Δ mAP vs CLIP-ReID (pp) | p (Holm) | Best config | Trials | Errors | GPU-h | img/s |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 | Lion | zero-shot CLIP | test (final runs) | 1 | 30.0 | 40.0 | 45.0 | 20.0 | 10.0 | -32.0 n/a | — | defaults | 2 | 0 | 1.00 | — |
-| Lion | CLIP-ReID | test (final runs) | 3 | 62.0 ± 2.0 | 72.0 ± 2.0 | 77.0 ± 2.0 | 52.0 ± 2.0 | 42.0 ± 2.0 | ref | — | stage2.lr=5e-06 | 5 | 0 | 2.50 | 105 |
-| Lion | IndivAID | test (final runs) | 3 | 73.0 ± 3.0 | 83.0 ± 3.0 | 88.0 ± 3.0 | 63.0 ± 3.0 | 53.0 ± 3.0 | +11.0 * | <0.001 | fusion.heads=4, stage2.lr=8e-06 | 5 | 1 | 2.00 | 105 |
+| Lion | CLIP-ReID | test (final runs) | 5 | 62.0 ± 1.0 | 72.0 ± 1.0 | 77.0 ± 1.0 | 52.0 ± 1.0 | 42.0 ± 1.0 | ref | — | stage2.lr=5e-06 | 7 | 0 | 3.50 | 110 |
+| Lion | IndivAID | test (final runs) | 5 | 74.0 ± 2.0 | 84.0 ± 2.0 | 89.0 ± 2.0 | 64.0 ± 2.0 | 54.0 ± 2.0 | +12.0 * | <0.001 | fusion.heads=4, stage2.lr=8e-06 | 7 | 1 | 3.00 | 110 |
 | Lion | IndivAID (mean fusion) | — | — | — | — | — | — | — | — | — | — | 0 | 0 | — | — |
 | Nyala | zero-shot CLIP | — | — | — | — | — | — | — | — | — | — | 0 | 0 | — | — |
-| Nyala | CLIP-ReID | test (final runs) | 3 | 52.0 ± 2.0 | 62.0 ± 2.0 | 67.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | ref | — | stage2.lr=5e-06 | 4 | 0 | 2.00 | 105 |
-| Nyala | IndivAID | test (final runs) | 3 | 52.0 ± 2.0 | 62.0 ± 2.0 | 67.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | +0.0 n.s. | 1.000 | fusion.heads=4, stage2.lr=8e-06 | 4 | 0 | 2.00 | 105 |
+| Nyala | CLIP-ReID | test (final runs) | 5 | 52.0 ± 2.0 | 62.0 ± 2.0 | 67.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | ref | — | stage2.lr=5e-06 | 6 | 0 | 3.00 | 110 |
+| Nyala | IndivAID | test (final runs) | 5 | 52.0 ± 2.0 | 62.0 ± 2.0 | 67.0 ± 2.0 | 42.0 ± 2.0 | 32.0 ± 2.0 | +0.0 n.s. | 1.000 | fusion.heads=4, stage2.lr=8e-06 | 6 | 0 | 3.00 | 110 |
 | Nyala | IndivAID (mean fusion) † | val (best search trial) | 1 | 55.0 | 65.0 | 70.0 | 45.0 | 35.0 | — | — | stage2.lr=1e-05 | 2 | 0 | 1.00 | 60 |
 | mean | zero-shot CLIP | mean of 1 dataset (test) | — | 30.0 | 40.0 | 45.0 | 20.0 | 10.0 | -32.0 n/a | — | — | — | — | — | — |
 | mean | CLIP-ReID | mean of 2 datasets (test) | — | 57.0 | 67.0 | 72.0 | 47.0 | 37.0 | ref | — | — | — | — | — | — |
-| mean | IndivAID | mean of 2 datasets (test) | — | 62.5 | 72.5 | 77.5 | 52.5 | 42.5 | +5.5 n/a | — | — | — | — | — | — |
+| mean | IndivAID | mean of 2 datasets (test) | — | 63.0 | 73.0 | 78.0 | 53.0 | 43.0 | +6.0 n/a | — | — | — | — | — | — |
 """
 
 
@@ -354,8 +402,12 @@ def test_markdown_golden(golden: Path):
     assert md.startswith(head + GOLDEN_TABLE), md
     legend = md[len(head + GOLDEN_TABLE):]
     for needle in ("† selected on validation", "paired bootstrap over seeds, B = 10,000", "Holm-corrected per method",
-                   "α = 0.05", "`n.s.` = not significant", "sample std (ddof = 1)", "Published:"):
+                   "α = 0.05", "`n.s.` = not significant", "sample std (ddof = 1)", "Published:",
+                   "`n/a` = not tested (fewer than 5 paired seeds, no training, or different splits)",
+                   "The test needs 5 paired seeds because the bootstrap of fewer is degenerate: too few distinct "
+                   "resamples (10 for 3 seeds, 35 for 4)"):
         assert needle in legend
+    assert "fewer than 2 paired seeds" not in md and "needs 2" not in md
     assert "## Published" not in md  # no published numbers for Lion or Nyala
 
 
@@ -392,9 +444,9 @@ def test_csv_and_json_records(golden: Path, tmp_path: Path, capsys: pytest.Captu
     res = csv.filter(pl.col("kind") == "result")
     assert res.height == 8 and csv.filter(pl.col("kind") == "mean").height == 3
     ind = res.filter((pl.col("dataset") == "lion") & (pl.col("method") == "indivaid")).row(0, named=True)
-    assert ind["sweep_id"] == "golden" and ind["n"] == 3 and ind["significant"] is True
-    assert ind["mAP_mean"] == pytest.approx(63.0) and ind["mAP_std"] == pytest.approx(3.0)  # percent
-    assert ind["delta"] == pytest.approx(11.0) and ind["p_holm"] == pytest.approx(2 * P_FLOOR)
+    assert ind["sweep_id"] == "golden" and ind["n"] == 5 and ind["n_pairs"] == 5 and ind["significant"] is True
+    assert ind["mAP_mean"] == pytest.approx(64.0) and ind["mAP_std"] == pytest.approx(2.0)  # percent
+    assert ind["delta"] == pytest.approx(12.0) and ind["p_holm"] == pytest.approx(2 * P_FLOOR)
     pub = csv.filter(pl.col("kind") == "published")
     assert pub.filter(pl.col("dataset") == "stoat")["citation"].str.contains("2410.22927").all()
 
