@@ -58,7 +58,8 @@ class SearchConfig:
     seed: int = 0
     startup_trials: int = field(default=4, metadata={"ge": 0})  # random trials before TPE
     num_samples: int = field(default=8, metadata={"ge": 1})  # per dataset x method
-    max_concurrent: int = field(default=2, metadata={"ge": 1})
+    max_concurrent: int = field(default=2, metadata={"ge": 1})  # trials at once per dataset x method
+    max_concurrent_experiments: int = field(default=1, metadata={"ge": 1})  # dataset x method searches at once
     metric: Literal["val_mAP", "val_rank1"] = "val_mAP"
 
 

@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -36,6 +37,7 @@ from indivaid.utils.io import atomic_write_text
 log = logging.getLogger(__name__)
 console = Console()
 SCHEMA_VERSION = 1
+FINISHED = ".harness-finished"  # marks an experiment folder whose Tuner.fit returned
 
 
 @dataclass(frozen=True)
@@ -192,13 +194,7 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     res = sweep.resources_for(exp.dataset)
     # workers >= 1: the trial itself only drives a TorchTrainer, whose workers hold the resources.
     resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers == 0 else {"cpu": 0.01}
-    if exp.phase == "final":  # one trial per seed: the seed is the gridded dimension
-        fn = tune.with_parameters(_final_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method,
-                                  params=params or {})
-    else:
-        fn = tune.with_parameters(run_trial, sweep=to_dict(sweep), dataset=exp.dataset, method=exp.method,
-                                  phase=exp.phase, seed=0)
-    trainable = tune.with_resources(fn, resources)
+    trainable = tune.with_resources(_trainable(sweep, exp, params), resources)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if not resume:
             raise SystemExit(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
@@ -230,10 +226,20 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     tuner.fit()
 
 
-def _final_trial(config: dict[str, Any], *, sweep: dict, dataset: str, method: str, params: dict[str, Any]) -> None:
+def _trainable(sweep: SweepConfig, exp: Experiment, params: dict[str, Any] | None) -> Callable[[dict], None]:
+    """The experiment's Tune function, named after it: Tune registers trainables (and their bound
+    parameters) by name per Ray job, so concurrent experiments must not share one."""
     from harness.trial import run_trial
 
-    run_trial(params, sweep=sweep, dataset=dataset, method=method, phase="final", seed=int(config["seed"]))
+    kw = {"sweep": to_dict(sweep), "dataset": exp.dataset, "method": exp.method}
+    if exp.phase == "final":  # one trial per seed: the seed is the gridded dimension
+        def trial(config: dict[str, Any]) -> None:
+            run_trial(dict(params or {}), **kw, phase="final", seed=int(config["seed"]))
+    else:
+        def trial(config: dict[str, Any]) -> None:
+            run_trial(config, **kw, phase=exp.phase, seed=0)
+    trial.__name__ = trial.__qualname__ = f"{exp.phase}_{exp.dataset}_{exp.method}".replace("-", "_")
+    return trial
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,24 +254,27 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def collect(sweep: SweepConfig) -> pl.DataFrame:
-    """One row per trial from the trial directories (works on partial and resumed sweeps)."""
+def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
+    """One row per trial from the trial directories (works on partial and resumed sweeps);
+    ``experiments`` is a glob of experiment folder names."""
     rows = []
-    for info_file in sorted(sweep.storage_path.glob("*/*/trial.json")):
+    for info_file in sorted(sweep.storage_path.glob(f"{experiments}/*/trial.json")):
         info = _json(info_file)
         run = info_file.parent / "run"
         result = _json(run / "result.json")
         failed = (info_file.parent / "error.txt").is_file()
         progress = _last_progress(info_file.parent)
         cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
+        ended = (info_file.parents[1] / FINISHED).is_file()  # Tune is done with the trial's experiment
+        status = "completed" if result else "running" if not ended else "error" if failed or not progress else "stopped"
         # an unfinished trial (stopped, failed, running) counts until its last report
         wall = float(result.get("wall_s") or 0.0) if result else max(0.0, progress.get("timestamp", info["started"]) - info["started"])
         row: dict[str, Any] = {
             "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
             "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
             "split_hash": result.get("split_hash") or _split_hash(run / "split.csv"), "protocol": _protocol(run / "split.csv"),
-            "status": "completed" if result else ("error" if failed or not progress else "stopped"),
-            "stop_reason": _stop_reason(result, progress, cfg.stage2.epochs, info["method"], failed),
+            "status": status,
+            "stop_reason": _stop_reason(status, progress, cfg.stage2.epochs, info["method"]),
             "epochs_run": int(progress.get("s2_epoch", 0) or 0),
             "attempts": max(1, _line_count(info_file.parent / "starts.jsonl")),
             "wall_s": wall,
@@ -318,12 +327,10 @@ def _protocol(split_file: Path) -> str | None:
     return None
 
 
-def _stop_reason(result: dict, progress: dict, max_epochs: int, method: str, failed: bool = False) -> str:
-    if result:
-        return "completed"
-    if failed:
-        return "error"
-    if progress and int(progress.get("s2_epoch", 0) or 0) < max_epochs and method != "zeroshot":
+def _stop_reason(status: str, progress: dict, max_epochs: int, method: str) -> str:
+    if status != "stopped":
+        return status  # completed, running (or interrupted), error
+    if int(progress.get("s2_epoch", 0) or 0) < max_epochs and method != "zeroshot":
         return "asha_stopped"
     return "error"
 
@@ -389,7 +396,6 @@ class SweepProgress:
 
     def __init__(self, sweep: SweepConfig, total: int) -> None:
         self.sweep, self.total, self.t0 = sweep, total, time.time()
-        self.finished_experiments: set[str] = set()  # their unfinished trials were stopped by ASHA
 
     def __rich__(self) -> Table:
         counts: dict[tuple[str, str], dict[str, Any]] = {}
@@ -405,7 +411,7 @@ class SweepProgress:
                 c["error"] += 1
             elif (trial / "run" / "result.json").is_file():
                 c["done"] += 1
-            elif trial.parent.name in self.finished_experiments:
+            elif (trial.parent / FINISHED).is_file():  # the experiment ended: ASHA stopped this one
                 c["stopped"] += 1
             else:
                 c["running"] += 1
@@ -498,19 +504,58 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
     warm_feature_caches(sweep, sorted({exp.dataset for exp, _ in todo}))
     progress = SweepProgress(sweep, sum(n for _, n in todo))
-    table = collect(sweep)  # a resumed sweep's finished searches pick its final configs
+    chains: dict[tuple[str, str], list[tuple[Experiment, int]]] = {}
+    for exp, n in todo:  # one chain per dataset x method: its search, then its final phase
+        chains.setdefault((exp.dataset, exp.method), []).append((exp, n))
     with Live(progress, console=console, refresh_per_second=0.5, transient=False):
-        for exp, n in todo:
-            params = best_search_trials(table).get((exp.dataset, exp.method), {}).get("params") \
-                if exp.phase == "final" else None
-            log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
-            run_experiment(sweep, exp, n, params, resume)
-            progress.finished_experiments.add(exp.name)
-            table = collect(sweep)
-            write_results(sweep, table)  # after every experiment: a killed driver loses no finished rows
-    if not todo:
-        write_results(sweep, table)
+        if sweep.search.max_concurrent_experiments <= 1 or len(chains) <= 1:
+            for chain in chains.values():
+                run_chain(sweep, chain, resume)
+                write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
+        else:
+            run_chains_concurrently(sweep, list(chains.values()), resume)
+    write_results(sweep, collect(sweep))
     return sweep.storage_path / "trials.parquet"
+
+
+def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: bool) -> None:
+    """Run one dataset x method: the search, then the final phase with the best searched config."""
+    for exp, n in chain:
+        params = None
+        if exp.phase == "final":  # the search is finished (now or in the run being resumed)
+            searched = collect(sweep, f"search-{exp.dataset}-{exp.method}")
+            params = best_search_trials(searched).get((exp.dataset, exp.method), {}).get("params")
+        log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
+        run_experiment(sweep, exp, n, params, resume)
+        (sweep.storage_path / exp.name / FINISHED).touch()  # its unfinished trials were stopped by ASHA
+
+
+def _remote_chain(sweep: dict[str, Any], chain: list[tuple[Experiment, int]], resume: bool) -> None:
+    from indivaid.config import from_dict
+
+    run_chain(from_dict(SweepConfig, sweep), chain, resume)
+
+
+def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experiment, int]]], resume: bool) -> None:
+    """Up to ``search.max_concurrent_experiments`` chains at once, each driving its own Tuner from a
+    zero-CPU Ray task, so trials of several datasets x methods fill the cluster together."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(_remote_chain)
+    queue, pending = list(chains), {}
+    while queue or pending:
+        while queue and len(pending) < sweep.search.max_concurrent_experiments:
+            chain = queue.pop(0)
+            pending[task.options(name=f"tune-{chain[0][0].dataset}-{chain[0][0].method}").remote(
+                to_dict(sweep), chain, resume)] = chain
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            chain = pending.pop(ref)
+            write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(f"{chain[0][0].dataset}/{chain[0][0].method}: the Tune run failed: {e}") from None
 
 
 def summary(table: pl.DataFrame) -> None:
