@@ -89,15 +89,23 @@ def test_torchtrainer_path_runs_ddp_workers_and_releases_resources(ray_local, da
     t = pl.read_parquet(out)
     assert t.height == 2 and set(t["stop_reason"]) <= {"completed", "asha_stopped"}
     assert (t["stop_reason"] == "completed").sum() >= 1
-    # every placement group of the sweep's trials and Train workers is removed (asynchronously)
+    # every placement group of the sweep's trials and Train workers is removed and every CPU is free
+    # again (both happen asynchronously after the sweep returns)
     deadline = time.time() + 60
     while time.time() < deadline:
         states = [pg["state"] for pg in placement_group_table().values()]
-        if all(s == "REMOVED" for s in states):
+        free = ray.available_resources().get("CPU", 0) == pytest.approx(ray.cluster_resources()["CPU"])
+        if all(s == "REMOVED" for s in states) and free:
             break
         time.sleep(1)
     assert all(s == "REMOVED" for s in states), states
-    assert ray.available_resources().get("CPU", 0) == pytest.approx(ray.cluster_resources()["CPU"])
+    if not free:
+        from ray.util.state import list_actors, list_tasks
+
+        alive = [(a.class_name, a.state) for a in list_actors() if a.state != "DEAD"]
+        running = [(t.name, t.state) for t in list_tasks() if t.state not in ("FINISHED", "FAILED")]
+        pytest.fail(f"CPUs still held: {ray.available_resources()} of {ray.cluster_resources()}; "
+                    f"actors {alive}; tasks {running}")
 
 
 @pytest.mark.timeout(600)
