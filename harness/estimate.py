@@ -71,7 +71,7 @@ def trial_gpu_seconds(cfg: TrainConfig, counts: ImageCounts, evaluate_test: bool
     if patch is None:
         return None
     h, w = cfg.model.input_size
-    tokens = math.ceil((h - patch) / cfg.model.stride + 1) * math.ceil((w - patch) / cfg.model.stride + 1)
+    tokens = ((h - patch) // cfg.model.stride + 1) * ((w - patch) // cfg.model.stride + 1)  # as the model's grid
     scale = tokens / REFERENCE_TOKENS
     features = (counts.train + counts.val + counts.test) / INFERENCE_IMG_S * scale  # frozen or zero-shot features
     evals = counts.val * (1 + cfg.stage2.epochs // cfg.eval.every) + (counts.test if evaluate_test else 0)

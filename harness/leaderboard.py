@@ -162,16 +162,19 @@ def read_trials(path: Path) -> pl.DataFrame:
     if missing:
         raise LeaderboardError(f"{path}: not a trials table (missing column(s) {', '.join(missing)})")
     params = sorted(c for c in df.columns if c.startswith("param."))
-    return df.select(
+    out = df.select(
         *[pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, t).alias(c)
           for c, t in TRIAL_SCHEMA.items()],
         *params,
     )
+    # a NaN metric (a diverged run) is a missing value, not a number to average or test
+    return out.with_columns(pl.col(pl.Float64).fill_nan(None))
 
 
 def load_results(dirs: Sequence[Path]) -> Loaded:
     """Every sweep under dirs, concatenated; each row labelled with its sweep (``sweep_id``) and the
-    sweep's age (``_order``: 0 = oldest, by manifest written_at, else the newest trial's created_at)."""
+    sweep's age (``_order``: 0 = oldest, by manifest started_at (older files: written_at), else the
+    newest trial's created_at)."""
     sweep_dirs = find_sweep_dirs(dirs)
     if not sweep_dirs:
         where = ", ".join(str(d) for d in dirs)
@@ -183,7 +186,8 @@ def load_results(dirs: Sequence[Path]) -> Loaded:
         manifest = read_manifest(d, supported)
         trials = read_trials(d / "trials.parquet")
         name = (manifest.get("sweep") or {}).get("name") or (trials["sweep_id"].drop_nulls().first()) or d.name
-        stamp = manifest.get("written_at")
+        # when the sweep started: a later --resume rewrites written_at but is not a newer sweep
+        stamp = manifest.get("started_at", manifest.get("written_at"))
         if not isinstance(stamp, (int, float)):
             stamp = trials["created_at"].max() or 0.0
         frames.append(trials)
@@ -1045,7 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
             "leaderboard-importance.png, leaderboard-parallel.png) go to --report-dir; by default to the results "
             "folder: results/ when no RESULTS_DIR is given, else the first RESULTS_DIR, or its parent when it is "
             "itself a sweep folder. --out PATH writes the chosen --format to PATH; without it the format is printed.",
-            "Several sweeps of one dataset x method: the newest (manifest written_at) wins; --all keeps each.",
+            "Several sweeps of one dataset x method: the newest (manifest started_at) wins; --all keeps each.",
             "CSV/JSON: one record per dataset x method (kind=result), per-method means (kind=mean) and the "
             "published rows shown (kind=published); metrics in percent, delta in percentage points, p and "
             "p_holm as probabilities.",

@@ -55,12 +55,11 @@ def missing_datasets(sweep: SweepConfig) -> list[tuple[str, str]]:
     """(dataset, where it was looked for) for each dataset whose files are absent."""
     out = []
     for d in sweep.datasets:
-        data = sweep.per_dataset.get(d, {}).get("data", {})
-        path = data.get("path")
-        adapter = make_adapter(d, **data.get("options", {}))
+        data = trial_config(sweep, d, sweep.methods[0], {}).data  # base, per-dataset and sweep settings
+        adapter = make_adapter(d, **data.options)
         if adapter.generated:
             continue  # made on first use
-        where = Path(path) if path else adapter.default_path(sweep.data_path)
+        where = Path(data.path).expanduser() if data.path else adapter.default_path(sweep.data_path)
         if not where.exists():
             out.append((d, str(where)))
     return out
@@ -197,7 +196,7 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     trainable = tune.with_resources(_trainable(sweep, exp, params), resources)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if not resume:
-            raise SystemExit(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
+            raise ConfigError(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True, restart_errored=False)
         tuner.fit()
         return
@@ -262,13 +261,14 @@ def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
         info = _json(info_file)
         run = info_file.parent / "run"
         result = _json(run / "result.json")
-        failed = (info_file.parent / "error.txt").is_file()
+        attempts = max(1, _line_count(info_file.parent / "starts.jsonl"))
+        failed = _failures(info_file.parent / "error.txt") >= attempts  # the last attempt failed
         progress = _last_progress(info_file.parent)
         cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
         ended = (info_file.parents[1] / FINISHED).is_file()  # Tune is done with the trial's experiment
-        status = "completed" if result else "running" if not ended else "error" if failed or not progress else "stopped"
-        # an unfinished trial (stopped, failed, running) counts until its last report
-        wall = float(result.get("wall_s") or 0.0) if result else max(0.0, progress.get("timestamp", info["started"]) - info["started"])
+        status = "completed" if result else "error" if failed else "running" if not ended else "stopped" if progress else "error"
+        # from the first start to the last report (retries included); the trainer's own clock otherwise
+        wall = max(float(result.get("wall_s") or 0.0), progress.get("timestamp", info["started"]) - info["started"], 0.0)
         row: dict[str, Any] = {
             "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
             "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
@@ -276,7 +276,7 @@ def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
             "status": status,
             "stop_reason": _stop_reason(status, progress, cfg.stage2.epochs, info["method"]),
             "epochs_run": int(progress.get("s2_epoch", 0) or 0),
-            "attempts": max(1, _line_count(info_file.parent / "starts.jsonl")),
+            "attempts": attempts,
             "wall_s": wall,
             "gpu_s": wall * _gpus_held(sweep.resources_for(info["dataset"])),
             "images_per_s": result.get("images_per_s"),
@@ -290,7 +290,7 @@ def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
         for k in ("mAP", "rank1", "rank5", "rank10", "mINP"):
             row[f"val_{k}"] = (result.get("val") or {}).get(k, progress.get(f"val_{k}"))
             row[f"test_{k}"] = (result.get("test") or {}).get(k) if result.get("test") else None
-        row["best_val_mAP"] = max([h.get("val_mAP", 0.0) for h in result.get("history", [])] or [row["val_mAP"] or 0.0])
+        row["best_val_mAP"] = _best_val(result, row["val_mAP"], cfg.eval.every, cfg.stage2.epochs)
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
@@ -300,13 +300,35 @@ def _gpus_held(res: ResourcesConfig) -> float:
     return res.gpus * max(1, res.workers)
 
 
+def _best_val(result: dict, last: float | None, every: int, epochs: int) -> float | None:
+    """The best validation mAP the run measured in stage 2 (its evaluation epochs and the final
+    score); not the zero-shot score that stage-1 reports carry, on which untrained configs tie."""
+    evals = [h.get("val_mAP") for h in result.get("history", [])
+             if h.get("stage") == 2 and (int(h.get("s2_epoch", 0)) % every == 0 or int(h.get("s2_epoch", 0)) == epochs)]
+    values = [v for v in [*evals, (result.get("val") or {}).get("mAP"), last] if v is not None and v == v]
+    return max(values) if values else None
+
+
+def _failures(error_file: Path) -> int:
+    """How many times Tune recorded this trial failing (one "Failure # k" entry each)."""
+    if not error_file.is_file():
+        return 0
+    return sum(1 for line in error_file.read_text(errors="replace").splitlines() if line.startswith("Failure # "))
+
+
 def _line_count(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _last_progress(trial_dir: Path) -> dict:
+    """Tune's last result line for the trial ({} if none); a half-written last line is skipped."""
     lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    for line in reversed(lines[-2:]):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
 
 
 def _split_hash(split_file: Path) -> str | None:
@@ -349,7 +371,7 @@ def write_results(sweep: SweepConfig, table: pl.DataFrame) -> Path:
     tmp = out.with_suffix(".parquet.tmp")
     table.write_parquet(tmp)
     os.replace(tmp, out)
-    best = {f"{d}/{m}": top for (d, m), top in best_search_trials(table).items()}
+    best = {f"{d}/{m}": top for (d, m), top in best_search_trials(table, sweep.search.metric).items()}
     atomic_write_text(sweep.storage_path / "best.yaml", yaml.safe_dump(best, sort_keys=True))
     atomic_write_text(sweep.storage_path / "manifest.json", json.dumps(manifest(sweep), indent=2))
     return out
@@ -367,20 +389,27 @@ def manifest(sweep: SweepConfig) -> dict[str, Any]:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
         commit = None
+    started = _json(sweep.storage_path / "manifest.json").get("started_at")  # kept across rewrites and resumes
     return {"schema_version": SCHEMA_VERSION, "sweep": to_dict(sweep), "indivaid": version("indivaid"),
             "torch": torch.__version__, "open_clip": version("open_clip_torch"), "ray": ray.__version__,
-            "git_commit": commit, "written_at": time.time()}
+            "git_commit": commit, "started_at": started or time.time(), "written_at": time.time()}
 
 
-def best_search_trials(table: pl.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (dataset, method): the search trial with the best validation mAP, and its parameters."""
+def best_search_trials(table: pl.DataFrame, metric: str = "val_mAP") -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (dataset, method): the search trial with the best validation score, and its parameters.
+
+    Failed trials never qualify (a run that diverged after one good epoch is not a config to
+    re-run); ties go to the smaller trial id, so the choice is reproducible.
+    """
     if not table.height:
         return {}
+    best_col = "best_val_mAP" if metric == "val_mAP" else metric
+    search = table.filter((pl.col("phase") == "search") & (pl.col("status") != "error")
+                          & pl.col(best_col).is_not_null() & pl.col(best_col).is_not_nan())
     best = {}
-    search = table.filter((pl.col("phase") == "search") & pl.col("val_mAP").is_not_null())
     for (d, m), grp in search.group_by(["dataset", "method"], maintain_order=True):
-        top = grp.sort("best_val_mAP", descending=True).row(0, named=True)
-        best[(d, m)] = {"trial_id": top["trial_id"], "val_mAP": top["best_val_mAP"],
+        top = grp.sort([best_col, "trial_id"], descending=[True, False]).row(0, named=True)
+        best[(d, m)] = {"trial_id": top["trial_id"], metric: top[best_col],
                         "params": {k.removeprefix("param."): v for k, v in top.items() if k.startswith("param.") and v is not None}}
     return best
 
@@ -498,10 +527,14 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
         raise DataError("missing datasets (download and prepare them, or pass --skip-missing):\n  " +
                         "\n  ".join(f"{d}: {w}" for d, w in missing))
     skip = {d for d, _ in missing} | ({d for d in sweep.datasets if d not in only} if only else set())
+    todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
+    started = [exp.name for exp, _ in todo if (sweep.storage_path / exp.name).is_dir()]
+    if started and not resume:
+        raise ConfigError(f"{sweep.storage_path} already holds {', '.join(started[:3])}{' …' if len(started) > 3 else ''}: "
+                          "continue with --resume, or give the sweep a new name")
     sweep.storage_path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep.storage_path / "sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
     init_ray(address, sweep.storage_path)
-    todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
     warm_feature_caches(sweep, sorted({exp.dataset for exp, _ in todo}))
     progress = SweepProgress(sweep, sum(n for _, n in todo))
     chains: dict[tuple[str, str], list[tuple[Experiment, int]]] = {}
@@ -519,15 +552,32 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
 
 
 def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: bool) -> None:
-    """Run one dataset x method: the search, then the final phase with the best searched config."""
+    """Run one dataset x method: the search, then the final phase with the best searched config.
+
+    On ``--resume`` an experiment that already finished is left alone (its failed trials are
+    not retried again), and the final phase keeps the config it was started with.
+    """
     for exp, n in chain:
+        exp_dir = sweep.storage_path / exp.name
+        if (exp_dir / FINISHED).is_file():
+            continue
         params = None
-        if exp.phase == "final":  # the search is finished (now or in the run being resumed)
-            searched = collect(sweep, f"search-{exp.dataset}-{exp.method}")
-            params = best_search_trials(searched).get((exp.dataset, exp.method), {}).get("params")
+        if exp.phase == "final" and METHODS.get(exp.method).train:
+            chosen = exp_dir / "config-from-search.json"
+            if chosen.is_file():
+                params = json.loads(chosen.read_text())["params"]
+            else:
+                searched = collect(sweep, f"search-{exp.dataset}-{exp.method}")
+                best = best_search_trials(searched, sweep.search.metric).get((exp.dataset, exp.method))
+                if best is None:
+                    log.warning("%s: no search trial finished without error; final phase skipped", exp.name)
+                    continue
+                params = best["params"]
+                exp_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(chosen, json.dumps(best, indent=2, default=str))
         log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
         run_experiment(sweep, exp, n, params, resume)
-        (sweep.storage_path / exp.name / FINISHED).touch()  # its unfinished trials were stopped by ASHA
+        (exp_dir / FINISHED).touch()  # its unfinished trials were stopped by ASHA
 
 
 def _remote_chain(sweep: dict[str, Any], chain: list[tuple[Experiment, int]], resume: bool) -> None:
@@ -554,7 +604,12 @@ def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experime
             write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
             try:
                 ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
+            except ray.exceptions.RayError as e:
+                for other in pending:
+                    ray.cancel(other, force=True)
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, (ConfigError, DataError)):
+                    raise cause from None
                 raise RuntimeError(f"{chain[0][0].dataset}/{chain[0][0].method}: the Tune run failed: {e}") from None
 
 

@@ -21,10 +21,27 @@ from indivaid.utils.io import atomic_write_text
 from harness.config import SweepConfig, trial_config
 
 
+def storage_trial_dir() -> Path:
+    """The trial's folder on the sweep's storage (a shared filesystem on a cluster).
+
+    Not ``get_trial_dir()``: that is a staging folder under the Ray session on the driver's node,
+    copied to storage only now and then by the driver, so files written there by a trial on
+    another node would never arrive, and a retried trial could not find its checkpoint.
+    """
+    from ray.train._internal.session import get_session  # Ray 2.60 exposes no public accessor
+
+    session = get_session()
+    if session is None or getattr(session, "storage", None) is None:
+        raise RuntimeError("run_trial must run inside a Ray Tune trial")
+    path = Path(session.storage.trial_fs_path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, method: str, phase: str, seed: int) -> None:
     """Tune function trainable (``workers: 0``): trains in the trial process and reports every epoch."""
     ctx = tune.get_context()
-    trial_dir = Path(ctx.get_trial_dir())
+    trial_dir = storage_trial_dir()
     info_file = trial_dir / "trial.json"
     if not info_file.is_file():  # first, so that a trial failing at any later point is still a row
         info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,

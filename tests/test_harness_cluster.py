@@ -82,19 +82,21 @@ def test_sweep_joins_a_two_node_cluster_and_the_dashboard_answers(two_node_clust
 
     def watch_dashboard() -> None:
         """Poll the dashboard's HTTP API while the sweep runs: the driver job, trial actors, cache task."""
-        while not done.is_set():
+        def fetch(path: str, key: str, pick) -> None:
             try:
-                jobs = get_json(f"{dashboard}/api/jobs/")
-                actors = get_json(f"{dashboard}/api/v0/actors?limit=1000")["data"]["result"]["result"]
-            except OSError:
-                time.sleep(0.5)
-                continue
-            seen["jobs"] = [j for j in jobs if j.get("status") == "RUNNING"]
-            trials = [a for a in actors if a.get("class_name") == "ImplicitFunc" and a.get("state") == "ALIVE"]
-            if trials:  # Tune's function trainables are actors named by their class
-                seen["trial_actors"] = trials
-            tasks = get_json(f"{dashboard}/api/v0/tasks?limit=1000")["data"]["result"]["result"]
-            seen.setdefault("tasks", set()).update(t.get("name") for t in tasks)
+                found = pick(get_json(f"{dashboard}{path}"))
+            except Exception as e:  # not up yet, or a state-API hiccup: try again next round
+                seen.setdefault("errors", []).append(f"{path}: {e!r}"[:200])
+                return
+            if found:
+                seen.setdefault(key, []).extend(found)
+
+        while not done.is_set():
+            fetch("/api/jobs/", "jobs", lambda jobs: [j for j in jobs if j.get("status") == "RUNNING"])
+            # Tune's function trainables are actors named by their class
+            fetch("/api/v0/actors?limit=1000", "trial_actors", lambda r: [
+                a for a in r["data"]["result"]["result"] if a.get("class_name") == "ImplicitFunc" and a.get("state") == "ALIVE"])
+            fetch("/api/v0/tasks?limit=1000", "tasks", lambda r: [t.get("name") for t in r["data"]["result"]["result"]])
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch_dashboard, daemon=True)
@@ -106,6 +108,6 @@ def test_sweep_joins_a_two_node_cluster_and_the_dashboard_answers(two_node_clust
         watcher.join()
     assert t.height == 2 and (t["status"] != "error").all()
     assert set(t["node_id"]) == {worker.node_id}  # the only node with the "remote" resource
-    assert seen.get("jobs"), "the dashboard listed no running job during the sweep"
+    assert seen.get("jobs"), f"the dashboard listed no running job during the sweep: {seen.get('errors', [])[-5:]}"
     assert {a["node_id"] for a in seen.get("trial_actors", [])} == {worker.node_id}, seen
-    assert "warm-cache-synthetic" in seen["tasks"]  # the shared-cache task ran before the trials
+    assert "warm-cache-synthetic" in seen.get("tasks", []), seen  # the shared-cache task ran before the trials

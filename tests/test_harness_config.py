@@ -97,8 +97,38 @@ def test_dry_run_estimates_gpu_hours_from_published_sizes_without_touching_data(
 
 def test_generated_dataset_is_never_missing_and_dry_run_does_not_generate(tmp_path: Path, capsys):
     f = write(tmp_path, GOOD + f"data_root: {tmp_path / 'data'}\nstorage: {tmp_path / 'results'}\n")
-    from harness.sweep import plan_rows
+    from harness.sweep import missing_datasets, plan_rows
 
     assert main([str(f), "--dry-run"]) == 0
     assert all(r.images == "not present" and r.gpu_hours is None for r in plan_rows(load_sweep(f)))
+    assert missing_datasets(load_sweep(f)) == []
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
+
+
+def test_missing_datasets_follow_the_trainer_config_a_trial_gets(tmp_path: Path):
+    from harness.sweep import missing_datasets
+
+    here = tmp_path / "atrw-copy"
+    here.mkdir()
+    text = GOOD.replace("[synthetic]", "[atrw, lion]").replace("base: {preset: tiny}", f"base: {{preset: tiny, data: {{path: {here}}}}}")
+    text += f"data_root: {tmp_path / 'nowhere'}\nper_dataset:\n  lion: {{data: {{path: {tmp_path / 'no-lion'}}}}}\n"
+    missing = missing_datasets(load_sweep(write(tmp_path, text)))
+    assert missing == [("lion", str(tmp_path / "no-lion"))]  # atrw found through base.data.path
+
+
+def test_best_search_trial_ignores_failed_and_nan_trials_and_breaks_ties_by_id():
+    import polars as pl
+
+    from harness.sweep import best_search_trials
+
+    rows = [  # (trial_id, status, best_val_mAP, val_rank1, stage2.lr)
+        ("a", "error", 0.90, 0.9, 1.0), ("b", "completed", float("nan"), 0.1, 2.0), ("c", "stopped", 0.50, 0.7, 3.0),
+        ("d", "completed", 0.50, 0.2, 4.0), ("e", "completed", 0.40, 0.8, 5.0),
+    ]
+    t = pl.DataFrame([{"dataset": "x", "method": "indivaid", "phase": "search", "trial_id": i, "status": st,
+                       "best_val_mAP": v, "val_mAP": v, "val_rank1": r1, "param.stage2.lr": lr} for i, st, v, r1, lr in rows]
+                     + [{"dataset": "x", "method": "indivaid", "phase": "final", "trial_id": "f", "status": "completed",
+                         "best_val_mAP": 0.99, "val_mAP": 0.99, "val_rank1": 0.99, "param.stage2.lr": 9.0}])
+    best = best_search_trials(t)[("x", "indivaid")]
+    assert best["trial_id"] == "c" and best["params"] == {"stage2.lr": 3.0}  # tie 0.50: smaller id; no error, NaN, final
+    assert best_search_trials(t, "val_rank1")[("x", "indivaid")]["trial_id"] == "e"

@@ -39,4 +39,15 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(data_root: Path
     t = pl.read_parquet(storage / "trials.parquet")
     assert t.filter(pl.col("method") == "clipreid").height == 2 and t.filter(pl.col("method") == "zeroshot").height == 1
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not re-run
-    assert (t["status"] != "error").all()
+    assert (t["status"] != "error").all() and set(t["status"]) <= {"completed", "stopped"}
+    # running it again without --resume is refused, before anything is written
+    again = subprocess.run([sys.executable, "-m", "harness.sweep", str(f)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "continue with --resume" in again.stderr and "Traceback" not in again.stderr
+    # and --resume on the finished sweep starts no trial
+    starts = {p: p.read_text() for p in storage.glob("*/*/starts.jsonl")}
+    noop = subprocess.run([sys.executable, "-m", "harness.sweep", str(f), "--resume"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert noop.returncode == 0, noop.stderr[-3000:]
+    assert {p: p.read_text() for p in storage.glob("*/*/starts.jsonl")} == starts
+    assert pl.read_parquet(storage / "trials.parquet").sort("trial_id").equals(t.sort("trial_id"))

@@ -150,7 +150,8 @@ def feature_cache_path(cfg: TrainConfig, split: Split, rt: Runtime) -> Path:
     m = cfg.model
     key = stable_hash({"split": split.hash, "backbone": m.backbone, "weights": weights_id(cfg), "size": list(m.input_size),
                        "stride": m.stride, "sie": m.sie, "dtype": str(rt.amp_dtype), "resize": cfg.data.resize,
-                       "preprocess": PREPROCESS_VERSION, "quick_gelu": m.quick_gelu})
+                       "preprocess": PREPROCESS_VERSION, "quick_gelu": m.quick_gelu,
+                       "normalize": [list(cfg.augment.mean), list(cfg.augment.std)]})
     return cache_root(cfg) / f"features-{key}.pt"
 
 
