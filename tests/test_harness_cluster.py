@@ -93,9 +93,10 @@ def test_sweep_joins_a_two_node_cluster_and_the_dashboard_answers(two_node_clust
 
         while not done.is_set():
             fetch("/api/jobs/", "jobs", lambda jobs: [j for j in jobs if j.get("status") == "RUNNING"])
-            # Tune's function trainables are actors named by their class
+            # Tune's function trainables are actors named by their class (short trials may already be DEAD
+            # when a poll lands: the state API keeps them listed)
             fetch("/api/v0/actors?limit=1000", "trial_actors", lambda r: [
-                a for a in r["data"]["result"]["result"] if a.get("class_name") == "ImplicitFunc" and a.get("state") == "ALIVE"])
+                a for a in r["data"]["result"]["result"] if a.get("class_name") == "ImplicitFunc"])
             fetch("/api/v0/tasks?limit=1000", "tasks", lambda r: [t.get("name") for t in r["data"]["result"]["result"]])
             time.sleep(0.5)
 
@@ -109,5 +110,6 @@ def test_sweep_joins_a_two_node_cluster_and_the_dashboard_answers(two_node_clust
     assert t.height == 2 and (t["status"] != "error").all()
     assert set(t["node_id"]) == {worker.node_id}  # the only node with the "remote" resource
     assert seen.get("jobs"), f"the dashboard listed no running job during the sweep: {seen.get('errors', [])[-5:]}"
-    assert {a["node_id"] for a in seen.get("trial_actors", [])} == {worker.node_id}, seen
+    placed = {a["node_id"] for a in seen.get("trial_actors", []) if a.get("node_id")}  # pending ones have none
+    assert placed == {worker.node_id}, seen.get("errors", [])[-5:]
     assert "warm-cache-synthetic" in seen.get("tasks", []), seen  # the shared-cache task ran before the trials
