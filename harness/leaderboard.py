@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import html
 import io
 import json
@@ -35,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+
+from indivaid.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -1075,15 +1076,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write(path: Path, data: str | bytes) -> None:
-    """Write through a temporary name and rename (a reader never sees half a file); the umask's mode."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write atomically (a reader never sees half a file); a failure is one clear error line."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise LeaderboardError(f"cannot write {path}: {e.strerror or e}") from None
     log.info("wrote %s", path)
 

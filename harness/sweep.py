@@ -9,6 +9,7 @@ to ``<storage>/trials.parquet`` (one row per trial), ``best.yaml`` and ``manifes
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -17,8 +18,8 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -32,7 +33,7 @@ from indivaid.config import ConfigError, to_dict
 from indivaid.data.adapters import make_adapter
 from indivaid.data.catalogue import DataError
 from indivaid.methods import METHODS
-from indivaid.utils.io import atomic_write_text
+from indivaid.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -186,8 +187,6 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from harness.trial import run_trial
-
     storage = sweep.storage_path
     exp_dir = storage / exp.name
     res = sweep.resources_for(exp.dataset)
@@ -261,12 +260,9 @@ def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
         info = _json(info_file)
         run = info_file.parent / "run"
         result = _json(run / "result.json")
-        attempts = max(1, _line_count(info_file.parent / "starts.jsonl"))
-        failed = _failures(info_file.parent / "error.txt") >= attempts  # the last attempt failed
         progress = _last_progress(info_file.parent)
+        status, attempts = trial_status(info_file.parent, bool(result), progress)
         cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
-        ended = (info_file.parents[1] / FINISHED).is_file()  # Tune is done with the trial's experiment
-        status = "completed" if result else "error" if failed else "running" if not ended else "stopped" if progress else "error"
         # from the first start to the last report (retries included); the trainer's own clock otherwise
         wall = max(float(result.get("wall_s") or 0.0), progress.get("timestamp", info["started"]) - info["started"], 0.0)
         row: dict[str, Any] = {
@@ -293,6 +289,19 @@ def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
         row["best_val_mAP"] = _best_val(result, row["val_mAP"], cfg.eval.every, cfg.stage2.epochs)
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+def trial_status(trial_dir: Path, has_result: bool, progress: dict) -> tuple[str, int]:
+    """(status, attempts) of a trial from its folder: completed, error (its last attempt failed),
+    running (its experiment is not finished, or was interrupted) or stopped (by ASHA)."""
+    attempts = max(1, _line_count(trial_dir / "starts.jsonl"))
+    if has_result:
+        return "completed", attempts
+    if _failures(trial_dir / "error.txt") >= attempts:
+        return "error", attempts
+    if not (trial_dir.parent / FINISHED).is_file():
+        return "running", attempts
+    return ("stopped" if progress else "error"), attempts
 
 
 def _gpus_held(res: ResourcesConfig) -> float:
@@ -368,9 +377,9 @@ def _error(trial_dir: Path) -> str | None:
 
 def write_results(sweep: SweepConfig, table: pl.DataFrame) -> Path:
     out = sweep.storage_path / "trials.parquet"
-    tmp = out.with_suffix(".parquet.tmp")
-    table.write_parquet(tmp)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    table.write_parquet(buf)
+    atomic_write_bytes(out, buf.getvalue())
     best = {f"{d}/{m}": top for (d, m), top in best_search_trials(table, sweep.search.metric).items()}
     atomic_write_text(sweep.storage_path / "best.yaml", yaml.safe_dump(best, sort_keys=True))
     atomic_write_text(sweep.storage_path / "manifest.json", json.dumps(manifest(sweep), indent=2))
@@ -433,21 +442,14 @@ class SweepProgress:
             if not info:
                 continue
             key = (info["dataset"], info["method"])
-            c = counts.setdefault(key, {"running": 0, "done": 0, "stopped": 0, "error": 0, "best": None})
-            trial = info_file.parent
-            progress = _last_progress(trial)
-            if (trial / "error.txt").is_file():
-                c["error"] += 1
-            elif (trial / "run" / "result.json").is_file():
-                c["done"] += 1
-            elif (trial.parent / FINISHED).is_file():  # the experiment ended: ASHA stopped this one
-                c["stopped"] += 1
-            else:
-                c["running"] += 1
+            c = counts.setdefault(key, {"running": 0, "completed": 0, "stopped": 0, "error": 0, "best": None})
+            progress = _last_progress(info_file.parent)
+            status, _ = trial_status(info_file.parent, (info_file.parent / "run" / "result.json").is_file(), progress)
+            c[status] += 1
             v = progress.get("val_mAP")
             if v is not None and v == v:
                 c["best"] = max(c["best"] or 0.0, v)
-        finished = sum(c["done"] + c["stopped"] + c["error"] for c in counts.values())
+        finished = sum(c["completed"] + c["stopped"] + c["error"] for c in counts.values())
         elapsed = time.time() - self.t0
         eta = f"{(self.total - finished) * elapsed / finished / 60:.1f} min" if finished else "…"
         table = Table(title=f"sweep {self.sweep.name}: {finished}/{self.total} trials finished, "
@@ -455,7 +457,7 @@ class SweepProgress:
         for col in ("dataset", "method", "running", "done", "stopped (ASHA)", "errors", "best val mAP"):
             table.add_column(col)
         for (d, m), c in sorted(counts.items()):
-            table.add_row(d, m, str(c["running"]), str(c["done"]), str(c["stopped"]), str(c["error"]),
+            table.add_row(d, m, str(c["running"]), str(c["completed"]), str(c["stopped"]), str(c["error"]),
                           f"{100 * c['best']:.1f}" if c["best"] is not None else "—")
         return table
 
@@ -547,7 +549,8 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
                 write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
         else:
             run_chains_concurrently(sweep, list(chains.values()), resume)
-    write_results(sweep, collect(sweep))
+    if not chains:  # otherwise written after every chain
+        write_results(sweep, collect(sweep))
     return sweep.storage_path / "trials.parquet"
 
 

@@ -35,11 +35,23 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     return sha256_bytes(text.encode())[:length]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file. The file gets
+    the mode a plain ``open`` would give (mkstemp's 0600 would hide results from a shared cluster)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
