@@ -36,7 +36,12 @@ def ray_processes(marker: str) -> list[str]:
 
 
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
+    """GET from the dashboard, with the cluster's token when Ray's token authentication is on
+    (this process may have turned it on through an earlier Ray instance: then requests need it)."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    request = urllib.request.Request(url, headers=get_auth_headers_if_auth_enabled({}))
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 
