@@ -16,9 +16,12 @@ import yaml
 from indivaid.config import ConfigError, apply_overrides, from_dict, read_mapping, to_dict
 from indivaid.data.adapters import DATASETS
 from indivaid.methods import METHODS, MethodSpec
+from indivaid.models.fusion import fusion_reads
 from indivaid.registry import did_you_mean
 from indivaid.training.config import TrainConfig, merge, resolve
 from indivaid.utils.io import data_root as default_data_root
+
+TIMEOUT_FILE = "timeout.json"  # in a trial folder: the trial was stopped for running past trial_timeout_minutes
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,28 @@ class ResourcesConfig:
     cpus: float = field(default=1.0, metadata={"gt": 0})
     gpus: float = field(default=0.0, metadata={"ge": 0})
     custom: dict[str, float] = field(default_factory=dict)
-    workers: int = field(default=0, metadata={"ge": 0})  # 0: train inside the trial; >= 1: Ray Train (DDP)
+    workers: int = field(default=0, metadata={"ge": 0})  # 0 or 1: train inside the trial; >= 2: Ray Train (DDP)
     use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When GPU trials write resumable state, from their estimated length (harness.estimate):
+    none for runs shorter than ``min_run_minutes`` (a crash costs less than the writes), else about
+    every ``every_minutes``. Trials without a GPU estimate keep their config's ``checkpoint.every``."""
+
+    enabled: bool = True
+    min_run_minutes: float = field(default=10.0, metadata={"ge": 0})
+    every_minutes: float = field(default=15.0, metadata={"gt": 0})
 
 
 @dataclass(frozen=True)
 class FinalConfig:
     seeds: int = field(default=5, metadata={"ge": 0})  # re-runs of each best config, scored on test
+    dataset_seeds: dict[str, int] = field(default_factory=dict)  # per-dataset override of seeds
+
+    def seeds_for(self, dataset: str) -> int:
+        return int(self.dataset_seeds.get(dataset, self.seeds))
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,10 @@ class SweepConfig:
     resources: ResourcesConfig = ResourcesConfig()
     dataset_resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-dataset overrides of resources
     final: FinalConfig = FinalConfig()
-    max_failures: int = field(default=2, metadata={"ge": 0})
+    max_failures: int = field(default=1, metadata={"ge": 0})  # Tune restarts of a failed trial (the only retry layer)
+    trial_timeout_minutes: float | None = field(default=None, metadata={"gt": 0})  # a longer trial is stopped: `timeout`
+    checkpoint_policy: CheckpointPolicy = CheckpointPolicy()
+    rehearsal: bool = False  # set by --rehearse: results are labelled and never mixed with real ones
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -143,7 +164,7 @@ def applies(key: str, method: MethodSpec) -> bool:
     if not method.train:
         return section in ("model", "data", "eval")
     if section == "fusion":
-        return method.fusion == "attention"
+        return fusion_reads(method.fusion, key.split(".", 1)[-1])
     return True
 
 
@@ -173,9 +194,4 @@ def load_sweep(file: str | Path) -> SweepConfig:
             except ConfigError as e:
                 msg = str(e).split(": ", 1)[1] if ": " in str(e) else str(e)
                 raise ConfigError(f"{file}: search_space.{key}: {msg}") from None
-    if sweep.scheduler.kind == "asha":
-        probe = trial_config(sweep, sweep.datasets[0], "indivaid", {})
-        if sweep.scheduler.grace_period < probe.stage2.warmup_epochs:
-            raise ConfigError(f"{file}: scheduler.grace_period: {sweep.scheduler.grace_period} is shorter than the "
-                              f"stage-2 warm-up ({probe.stage2.warmup_epochs} epochs); ASHA would judge warming-up trials")
-    return sweep
+    return sweep  # harness.checks checks the plan of every dataset (--dry-run, and before a sweep starts)

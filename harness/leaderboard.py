@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import textwrap
 import time
@@ -59,6 +58,7 @@ MIN_PAIRS = 5
 ALPHA = 0.05
 DASH = "—"
 FALLBACK_MARK = "†"
+REHEARSAL_MARK = "(rehearsal)"  # after the dataset name of rows from a CPU rehearsal (tiny model, generated data)
 SOURCE_TEST = "test (final runs)"
 SOURCE_VAL = "val (best search trial)"
 MAX_DEPTH = 3  # results/<group>/<sweep>/trials.parquet at most
@@ -191,7 +191,9 @@ def load_results(dirs: Sequence[Path]) -> Loaded:
         stamp = manifest.get("started_at", manifest.get("written_at"))
         if not isinstance(stamp, (int, float)):
             stamp = trials["created_at"].max() or 0.0
-        frames.append(trials)
+        if manifest.get("rehearsal"):  # CPU rehearsal of a sweep: labelled, and compared only among themselves
+            trials = trials.with_columns(pl.format("{} {}", "dataset", pl.lit(REHEARSAL_MARK)).alias("dataset"))
+        frames.append(trials.with_columns(pl.lit(bool(manifest.get("rehearsal"))).alias("_rehearsal")))
         infos.append({"sweep_id": str(name), "dir": str(d), "written_at": float(stamp),
                       "git_commit": manifest.get("git_commit"), "n_trials": trials.height})
     sweeps = pl.DataFrame(infos, schema={"sweep_id": pl.String, "dir": pl.String, "written_at": pl.Float64,
@@ -228,8 +230,10 @@ def select_newest(trials: pl.DataFrame) -> pl.DataFrame:
 
 
 def with_scope(trials: pl.DataFrame, keep_all: bool) -> pl.DataFrame:
-    """``_scope``: what rows are compared within, the sweep with --all, everything otherwise."""
-    return trials.with_columns((pl.col("sweep_id") if keep_all else pl.lit("")).alias("_scope"))
+    """``_scope``: what rows are compared within (Holm, mean rows): the sweep with --all, else all real
+    results together and all rehearsals together (never mixed)."""
+    kind = pl.when(pl.col("_rehearsal")).then(pl.lit("rehearsal")).otherwise(pl.lit(""))
+    return trials.with_columns((pl.format("{}{}", "sweep_id", kind) if keep_all else kind).alias("_scope"))
 
 
 def param_columns(df: pl.DataFrame) -> list[str]:
@@ -671,10 +675,13 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
     from rich.console import Console
     from rich.table import Table
 
+    from indivaid.utils.console import OFF_TERMINAL_WIDTH, terminal_columns
+
     metric = board["metric"].drop_nulls().first() or "mAP"
     header, rows = display_rows(board, with_sweep)
     tty = width is None and sys.stdout.isatty()
-    width = width or shutil.get_terminal_size((200, 40)).columns
+    natural = width is None and terminal_columns() is None  # a log or a pipe: one line per row, nothing folded
+    width = width or terminal_columns() or OFF_TERMINAL_WIDTH
     src = header.index("Source")
     short = {SOURCE_TEST: "test", SOURCE_VAL: "val"}
     records = list(board.iter_rows(named=True))
@@ -701,7 +708,7 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
             longest = max([len(c[i]) for c in rows] + [len(h)])
             table.add_column(f"Δ {LABELS[metric]}" if h.startswith("Δ") else h, justify="right" if num else "left",
                              no_wrap=num, overflow="fold", min_width=min(longest, 24) if not num else None,
-                             max_width=44 if h == "Best config" else None)
+                             max_width=44 if h == "Best config" and not natural else None)
         for r, cells in zip(records, rows):
             table.add_row(*(cells[i] for i in idx),
                           style="dim" if r["source"] is None else ("bold" if r["kind"] == "mean" else None))
@@ -713,7 +720,7 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
         ph, prows = published_display_rows(published)
         pt = Table(title="Published numbers (context, not like-for-like)", box=box.SIMPLE_HEAD)
         for h in ph:
-            pt.add_column(h, overflow="fold", max_width=60 if h in ("Note", "Citation") else None)
+            pt.add_column(h, overflow="fold", max_width=60 if h in ("Note", "Citation") and not natural else None)
         for cells in prows:
             pt.add_row(*cells)
         console.print(pt)

@@ -24,19 +24,20 @@ from typing import Any
 
 import polars as pl
 import yaml
-from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
-from harness.config import ResourcesConfig, SweepConfig, applies, load_sweep, trial_config
+from harness.checks import gpus_per_trial, validate
+from harness.config import TIMEOUT_FILE, ResourcesConfig, SweepConfig, applies, load_sweep, trial_config
+from harness.telemetry import sweep_metrics
 from indivaid.config import ConfigError, to_dict
 from indivaid.data.adapters import make_adapter
 from indivaid.data.catalogue import DataError
 from indivaid.methods import METHODS
+from indivaid.utils.console import Live, make_console
 from indivaid.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
-console = Console()
+console = make_console()  # off a terminal (a log, > plan.txt): tables at natural width, one line per row
 SCHEMA_VERSION = 1
 FINISHED = ".harness-finished"  # marks an experiment folder whose Tuner.fit returned
 
@@ -92,8 +93,8 @@ def plan(sweep: SweepConfig) -> list[tuple[Experiment, int]]:
         for m in sweep.methods:
             trains = METHODS.get(m).train
             rows.append((Experiment("search", d, m), sweep.search.num_samples if trains and search_space(sweep, m) else 1))
-            if sweep.final.seeds:
-                rows.append((Experiment("final", d, m), sweep.final.seeds if trains else 1))
+            if sweep.final.seeds_for(d):
+                rows.append((Experiment("final", d, m), sweep.final.seeds_for(d) if trains else 1))
     return rows
 
 
@@ -143,8 +144,8 @@ def print_plan(sweep: SweepConfig) -> None:
 
 def _describe(res: ResourcesConfig) -> str:
     per = f"{res.cpus:g} CPU, {res.gpus:g} GPU"
-    if res.workers:
-        per = f"{res.workers} worker{'s' if res.workers > 1 else ''} x ({per})"
+    if res.workers > 1:
+        per = f"{res.workers} workers x ({per})"
     return per + "".join(f", {v:g} {k}" for k, v in res.custom.items())
 
 
@@ -182,7 +183,10 @@ class PruningAwareOptuna:
         return _Search(metric=metric, mode="max", sampler=sampler)  # the space comes through param_space
 
 
-def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str, Any] | None, resume: bool) -> None:
+def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str, Any] | None, resume: bool,
+                   max_concurrent: int | None = None):
+    """Run (or restore) one Tune experiment; returns its ResultGrid. ``max_concurrent`` caps trials
+    in flight (the GPU budget's share of this experiment; default ``search.max_concurrent``)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -190,22 +194,24 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
     storage = sweep.storage_path
     exp_dir = storage / exp.name
     res = sweep.resources_for(exp.dataset)
-    # workers >= 1: the trial itself only drives a TorchTrainer, whose workers hold the resources.
-    resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers == 0 else {"cpu": 0.01}
+    # workers > 1: the trial itself only drives a TorchTrainer, whose workers hold the resources. One
+    # worker or none: a plain function trainable holds them (a 1-worker Train run would add half a
+    # dozen coordinating actor processes per trial and nothing else).
+    resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers <= 1 else {"cpu": 0.01}
     trainable = tune.with_resources(_trainable(sweep, exp, params), resources)
     if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
         if not resume:
             raise ConfigError(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
         tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True, restart_errored=False)
-        tuner.fit()
-        return
+        return tuner.fit()
+    cap = max_concurrent or sweep.search.max_concurrent
     metric = sweep.search.metric
     space = search_space(sweep, exp.method) if exp.phase == "search" else {"seed": tune.grid_search(list(range(n)))}
     probe = trial_config(sweep, exp.dataset, exp.method, {})
     tune_cfg: dict[str, Any] = {"num_samples": n if exp.phase == "search" else 1, "metric": metric, "mode": "max"}
     if exp.phase == "search" and space:
         search = PruningAwareOptuna.make(space, metric, sweep.search.seed, sweep.search.startup_trials, probe.stage2.epochs)
-        tune_cfg["search_alg"] = ConcurrencyLimiter(search, max_concurrent=sweep.search.max_concurrent)
+        tune_cfg["search_alg"] = ConcurrencyLimiter(search, max_concurrent=cap)
         if sweep.scheduler.kind == "asha" and METHODS.get(exp.method).train:
             # max_t one past the last epoch: a trial that reaches its budget ends by itself (writing its
             # result and inference checkpoint) instead of being stopped by the scheduler at its last report.
@@ -213,7 +219,7 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
                                                   grace_period=sweep.scheduler.grace_period,
                                                   reduction_factor=sweep.scheduler.reduction_factor)
     else:
-        tune_cfg["max_concurrent_trials"] = sweep.search.max_concurrent
+        tune_cfg["max_concurrent_trials"] = cap
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -221,7 +227,25 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
         run_config=tune.RunConfig(name=exp.name, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures)),
     )
-    tuner.fit()
+    return tuner.fit()
+
+
+class SweepInterrupted(RuntimeError):
+    """A Tune run returned before all its trials ended (Ctrl-C): nothing is marked finished."""
+
+
+def experiment_complete(grid, n: int) -> bool:
+    """Whether every one of the experiment's ``n`` trials ended (completed, ASHA-stopped or failed)."""
+    return len(grid) >= n and grid.num_terminated + grid.num_errors == len(grid)
+
+
+def prune_checkpoints(sweep: SweepConfig, exp: Experiment) -> None:
+    """Delete the resumable state that ended trials left (ASHA-stopped or failed mid-run): nothing
+    reads it once its experiment has finished; model.pt and result.json of finished trials stay."""
+    if trial_config(sweep, exp.dataset, exp.method, {}).checkpoint.keep:
+        return
+    for ckpt in (sweep.storage_path / exp.name).glob("*/run/checkpoint.pt"):
+        ckpt.unlink(missing_ok=True)
 
 
 def _trainable(sweep: SweepConfig, exp: Experiment, params: dict[str, Any] | None) -> Callable[[dict], None]:
@@ -280,6 +304,9 @@ def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
             "created_at": info["started"],
             "config_path": str(run / "config.json"), "split_path": str(run / "split.csv"),
             "checkpoint_path": result.get("checkpoint"),
+            "rehearsal": sweep.rehearsal,
+            **_checkpoint_bytes(run),
+            **_schedule_reached(result.get("history") or _all_progress(info_file.parent), cfg.stage2.lr),
         }
         for k, v in info["params"].items():
             row[f"param.{k}"] = v
@@ -297,11 +324,46 @@ def trial_status(trial_dir: Path, has_result: bool, progress: dict) -> tuple[str
     attempts = max(1, _line_count(trial_dir / "starts.jsonl"))
     if has_result:
         return "completed", attempts
+    if (trial_dir / TIMEOUT_FILE).is_file():
+        return "timeout", attempts
     if _failures(trial_dir / "error.txt") >= attempts:
         return "error", attempts
     if not (trial_dir.parent / FINISHED).is_file():
         return "running", attempts
     return ("stopped" if progress else "error"), attempts
+
+
+def _checkpoint_bytes(run: Path) -> dict[str, int]:
+    """Resumable state the trial wrote (every save, from the trainer's log) and what it keeps."""
+    saves = [json.loads(line) for line in (run / "checkpoints.jsonl").read_text().splitlines() if line.strip()] \
+        if (run / "checkpoints.jsonl").is_file() else []
+    size = {f: (run / f).stat().st_size if (run / f).is_file() else 0 for f in ("checkpoint.pt", "model.pt")}
+    return {"ckpt_saves": len(saves), "ckpt_written_bytes": sum(int(e["bytes"]) for e in saves),
+            "ckpt_kept_bytes": size["checkpoint.pt"], "model_bytes": size["model.pt"]}
+
+
+def _schedule_reached(history: list[dict], base_lr: float) -> dict[str, Any]:
+    """What stage 2's schedule delivered: the peak lr as a factor of the base, the epochs run at the
+    base lr, and the optimiser steps per rank per epoch (None before stage 2 reports)."""
+    s2 = [h for h in history if h.get("stage") == 2 and h.get("lr") is not None]
+    if not s2:
+        return {"lr_peak_factor": None, "epochs_at_base_lr": None, "steps_per_epoch": None}
+    factors = [h["lr"] / base_lr for h in s2]
+    steps = [h.get("steps") for h in s2 if h.get("steps") == h.get("steps") and h.get("steps") is not None]
+    return {"lr_peak_factor": max(factors), "epochs_at_base_lr": sum(abs(f - 1) < 1e-6 for f in factors),
+            "steps_per_epoch": int(min(steps)) if steps else None}
+
+
+def _all_progress(trial_dir: Path) -> list[dict]:
+    """Every report Tune recorded for the trial (a half-written last line is skipped)."""
+    out = []
+    if (trial_dir / "result.json").is_file():
+        for line in (trial_dir / "result.json").read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def _gpus_held(res: ResourcesConfig) -> float:
@@ -399,7 +461,7 @@ def manifest(sweep: SweepConfig) -> dict[str, Any]:
     except OSError:
         commit = None
     started = _json(sweep.storage_path / "manifest.json").get("started_at")  # kept across rewrites and resumes
-    return {"schema_version": SCHEMA_VERSION, "sweep": to_dict(sweep), "indivaid": version("indivaid"),
+    return {"schema_version": SCHEMA_VERSION, "rehearsal": sweep.rehearsal, "sweep": to_dict(sweep), "indivaid": version("indivaid"),
             "torch": torch.__version__, "open_clip": version("open_clip_torch"), "ray": ray.__version__,
             "git_commit": commit, "started_at": started or time.time(), "written_at": time.time()}
 
@@ -462,30 +524,40 @@ class SweepProgress:
         return table
 
 
-def init_ray(address: str | None, storage: Path) -> None:
+#: Ray settings the harness needs on every Ray worker. Train v2 workers block in each report until the
+#: controller's next poll (every 2 s by default): with per-epoch reports of short stage-1 epochs the GPU
+#: would idle for most of stage 1, so the controller polls more often.
+RAY_WORKER_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def init_ray(address: str | None, storage: Path, declare: dict[str, Any] | None = None) -> None:
+    """Join ``address`` or start a local Ray (with ``declare``d logical resources: a rehearsal's GPUs)."""
     import ray
 
+    from harness.dashboard import print_dashboard
+
     if ray.is_initialized():
+        print_dashboard(console, address)  # Ray started by the caller (a notebook, a test): still say where to look
         return
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    for k, v in RAY_WORKER_ENV.items():
+        os.environ.setdefault(k, v)  # a local Ray's workers inherit this process's environment
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console boxes would fight the live table
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # full logs stay in Ray's session folder
     if address:  # the cluster's workers do not inherit this process's environment
-        env = {k: os.environ[k] for k in ("RAY_CHDIR_TO_TRIAL_DIR", "INDIVAID_DATA") if k in os.environ}
+        env = {k: os.environ[k] for k in (*RAY_WORKER_ENV, "INDIVAID_DATA") if k in os.environ}
         ctx = ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
     else:
         # Short temp dir: AF_UNIX socket paths are limited to 107 bytes.
         tmp = Path(tempfile.gettempdir()) / f"ray-{os.getuid()}"
-        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp), **quiet)
-    if getattr(ctx, "dashboard_url", None):
-        console.print(f"Ray dashboard: http://{ctx.dashboard_url}")
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp), **quiet, **(declare or {}))
+    print_dashboard(console, address, getattr(ctx, "dashboard_url", None))  # the URL and how to authenticate
 
 
 def cache_configs(sweep: SweepConfig, dataset: str) -> list[dict[str, Any]]:
     """The distinct frozen-feature inputs of a dataset's trials (data, model, runtime; seeds matter
     only for random-init weights), as trainer configs: methods and searched values do not change them."""
-    seeds = sorted({0, *range(sweep.final.seeds)})
+    seeds = sorted({0, *range(sweep.final.seeds_for(dataset))})
     out: dict[str, dict[str, Any]] = {}
     for m in sweep.methods:
         for seed in seeds:
@@ -523,7 +595,11 @@ def warm_feature_caches(sweep: SweepConfig, datasets: list[str]) -> None:
 
 
 def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = False, only: list[str] | None = None,
-              skip_missing: bool = False) -> Path:
+              skip_missing: bool = False, declare: dict[str, Any] | None = None) -> Path:
+    from harness.estimate import apply_checkpoint_policy
+
+    validate(sweep)  # every dataset's plan, before anything is written or started
+    sweep = apply_checkpoint_policy(sweep)
     missing = missing_datasets(sweep)
     if missing and not skip_missing:
         raise DataError("missing datasets (download and prepare them, or pass --skip-missing):\n  " +
@@ -536,25 +612,40 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
                           "continue with --resume, or give the sweep a new name")
     sweep.storage_path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep.storage_path / "sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
-    init_ray(address, sweep.storage_path)
+    init_ray(address, sweep.storage_path, declare)
+    at_once = min(sweep.search.max_concurrent_experiments, len({(e.dataset, e.method) for e, _ in todo}))
+    budget = GpuBudget(cluster_gpus(), at_once)
+    if any(gpus_per_trial(sweep, d) for d in sweep.datasets):
+        validate(sweep, cluster_gpus=budget.cluster_gpus)  # a trial that could never be placed fails now
     warm_feature_caches(sweep, sorted({exp.dataset for exp, _ in todo}))
     progress = SweepProgress(sweep, sum(n for _, n in todo))
     chains: dict[tuple[str, str], list[tuple[Experiment, int]]] = {}
     for exp, n in todo:  # one chain per dataset x method: its search, then its final phase
         chains.setdefault((exp.dataset, exp.method), []).append((exp, n))
-    with Live(progress, console=console, refresh_per_second=0.5, transient=False):
-        if sweep.search.max_concurrent_experiments <= 1 or len(chains) <= 1:
-            for chain in chains.values():
-                run_chain(sweep, chain, resume)
-                write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
-        else:
-            run_chains_concurrently(sweep, list(chains.values()), resume)
+    with sweep_metrics(sweep), Live(progress, console=console, refresh_per_second=0.5, transient=False):
+        try:
+            if sweep.search.max_concurrent_experiments <= 1 or len(chains) <= 1:
+                for chain in chains.values():
+                    run_chain(sweep, chain, resume, budget.trials(sweep, chain[0][0].dataset))
+                    write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
+            else:
+                run_chains_concurrently(sweep, list(chains.values()), resume, budget)
+        except (SweepInterrupted, KeyboardInterrupt):
+            write_results(sweep, collect(sweep))  # what finished before the interruption is kept
+            raise
     if not chains:  # otherwise written after every chain
         write_results(sweep, collect(sweep))
     return sweep.storage_path / "trials.parquet"
 
 
-def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: bool) -> None:
+def cluster_gpus() -> float:
+    """GPUs the Ray cluster declares (logical ones in a rehearsal)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: bool, max_concurrent: int | None = None) -> None:
     """Run one dataset x method: the search, then the final phase with the best searched config.
 
     On ``--resume`` an experiment that already finished is left alone (its failed trials are
@@ -579,31 +670,67 @@ def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: b
                 exp_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(chosen, json.dumps(best, indent=2, default=str))
         log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
-        run_experiment(sweep, exp, n, params, resume)
-        (exp_dir / FINISHED).touch()  # its unfinished trials were stopped by ASHA
+        grid = run_experiment(sweep, exp, n, params, resume, max_concurrent)
+        if not experiment_complete(grid, n if exp.phase == "final" or search_space(sweep, exp.method) else 1):
+            raise SweepInterrupted(f"{exp.name} was interrupted with {len(grid)} of its trials started")
+        prune_checkpoints(sweep, exp)
+        (exp_dir / FINISHED).touch()  # every trial ended: completed, stopped by ASHA, failed or timed out
 
 
-def _remote_chain(sweep: dict[str, Any], chain: list[tuple[Experiment, int]], resume: bool) -> None:
+def _remote_chain(sweep: dict[str, Any], chain: list[tuple[Experiment, int]], resume: bool, max_concurrent: int) -> None:
     from indivaid.config import from_dict
 
-    run_chain(from_dict(SweepConfig, sweep), chain, resume)
+    run_chain(from_dict(SweepConfig, sweep), chain, resume, max_concurrent)
 
 
-def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experiment, int]]], resume: bool) -> None:
+@dataclass(frozen=True)
+class GpuBudget:
+    """How many trials each chain may run at once so that the GPUs the running chains ask for fit
+    the cluster: the GPUs are shared out among the chains that run side by side, and a trial needs
+    ``gpus x max(1, workers)``. CPU sweeps (no GPUs asked or declared) keep ``search.max_concurrent``."""
+
+    cluster_gpus: float
+    chains_at_once: int = 1
+
+    def trials(self, sweep: SweepConfig, dataset: str) -> int:
+        need = gpus_per_trial(sweep, dataset)
+        if not need or not self.cluster_gpus:
+            return sweep.search.max_concurrent
+        share = self.cluster_gpus / max(1, self.chains_at_once)
+        return max(1, min(sweep.search.max_concurrent, int(share // need)))
+
+    def demand(self, sweep: SweepConfig, dataset: str) -> float:
+        return gpus_per_trial(sweep, dataset) * self.trials(sweep, dataset)
+
+
+def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experiment, int]]], resume: bool,
+                            budget: GpuBudget) -> None:
     """Up to ``search.max_concurrent_experiments`` chains at once, each driving its own Tuner from a
-    zero-CPU Ray task, so trials of several datasets x methods fill the cluster together."""
+    zero-CPU Ray task, so trials of several datasets x methods fill the cluster together.
+
+    A chain starts only when its GPU demand fits beside the running ones', in queue order: a
+    4-GPU gang at the head of the queue waits for GPUs instead of being overtaken by 1-GPU chains
+    forever, and no Train run waits on a placement group that the cluster cannot give it.
+    """
     import ray
 
     task = ray.remote(num_cpus=0, max_retries=0)(_remote_chain)
     queue, pending = list(chains), {}
+    in_use = 0.0
     while queue or pending:
         while queue and len(pending) < sweep.search.max_concurrent_experiments:
+            d = queue[0][0][0].dataset
+            need = budget.demand(sweep, d)
+            if pending and in_use + need > budget.cluster_gpus:
+                break
             chain = queue.pop(0)
-            pending[task.options(name=f"tune-{chain[0][0].dataset}-{chain[0][0].method}").remote(
-                to_dict(sweep), chain, resume)] = chain
+            in_use += need
+            pending[task.options(name=f"tune-{d}-{chain[0][0].method}").remote(
+                to_dict(sweep), chain, resume, budget.trials(sweep, d))] = chain
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             chain = pending.pop(ref)
+            in_use -= budget.demand(sweep, chain[0][0].dataset)
             write_results(sweep, collect(sweep))  # after every chain: a killed driver loses no finished rows
             try:
                 ray.get(ref)
@@ -611,7 +738,7 @@ def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experime
                 for other in pending:
                     ray.cancel(other, force=True)
                 cause = getattr(e, "cause", None)
-                if isinstance(cause, (ConfigError, DataError)):
+                if isinstance(cause, (ConfigError, DataError, SweepInterrupted)):
                     raise cause from None
                 raise RuntimeError(f"{chain[0][0].dataset}/{chain[0][0].method}: the Tune run failed: {e}") from None
 
@@ -663,24 +790,55 @@ def reproduce(sweep: SweepConfig, trial_id: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.rehearsal import Reductions
+
     ap = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file")
     ap.add_argument("--address", help="join a Ray cluster (auto, or ray://host:port); default: local Ray")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--dry-run", action="store_true", help="check the plan (every dataset), print it and exit")
     ap.add_argument("--only", nargs="+", metavar="DATASET", help="run these datasets only")
     ap.add_argument("--skip-missing", action="store_true", help="skip datasets whose files are absent")
     ap.add_argument("--reproduce", metavar="TRIAL_ID", help="re-run one trial from its recorded config and split")
+    mode = ap.add_argument_group("before a cluster sweep")
+    mode.add_argument("--rehearse", action="store_true",
+                      help="run the real plan on CPU: generated datasets at their published identity counts, tiny model, "
+                           "the sweep's GPUs declared as logical resources; results in results/<name>-rehearsal")
+    mode.add_argument("--preflight", action="store_true",
+                      help="each dataset x method once for a few steps with the real backbone on the cluster: memory, "
+                           "img/s, time to first report; results in results/<name>-preflight")
+    red = Reductions()
+    mode.add_argument("--steps-per-epoch", type=int, default=None,
+                      help=f"rehearsal: optimiser steps per epoch (default {red.steps_per_epoch}); preflight: steps per stage (default 5)")
+    mode.add_argument("--samples", type=int, default=red.num_samples, help="rehearsal: search trials per dataset x method")
+    mode.add_argument("--seeds", type=int, default=red.seeds, help="rehearsal: final seeds of every dataset but the first")
+    mode.add_argument("--first-seeds", type=int, default=red.full_seeds,
+                      help="rehearsal: final seeds of the first dataset (5: the leaderboard's paired test runs)")
+    mode.add_argument("--gpus", type=int, default=red.gpus, help="rehearsal: logical GPUs to declare")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep = load_sweep(args.file)
         if args.dry_run:
+            validate(sweep, args.file, cluster_gpus=_address_gpus(args.address))
             print_plan(sweep)
             return 0
         if args.reproduce:
             reproduce(sweep, args.reproduce)
+            return 0
+        if args.rehearse:
+            from harness.rehearsal import rehearse
+
+            rehearse(sweep, Reductions(steps_per_epoch=args.steps_per_epoch or red.steps_per_epoch,
+                                       num_samples=args.samples, startup_trials=min(args.samples, red.startup_trials),
+                                       seeds=args.seeds, full_seeds=args.first_seeds, gpus=args.gpus),
+                     resume=args.resume, only=args.only)
+            return 0
+        if args.preflight:
+            from harness.rehearsal import preflight
+
+            preflight(sweep, args.steps_per_epoch or 5, address=args.address, resume=args.resume)
             return 0
         out = run_sweep(sweep, address=args.address, resume=args.resume, only=args.only, skip_missing=args.skip_missing)
         summary(pl.read_parquet(out))
@@ -688,7 +846,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (SweepInterrupted, KeyboardInterrupt) as e:
+        print(f"interrupted{f': {e}' if str(e) else ''}; what finished is in trials.parquet; continue with --resume",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def _address_gpus(address: str | None) -> float | None:
+    """The GPUs of the cluster at ``address`` (None without one): --dry-run checks the plan against them."""
+    if not address:
+        return None
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        return cluster_gpus()
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

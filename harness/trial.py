@@ -7,7 +7,9 @@ restarts after a crash, or that a restored sweep re-launches, continues where it
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,10 @@ from ray import tune
 from indivaid.config import from_dict
 from indivaid.training import train
 from indivaid.utils.io import atomic_write_text
-from harness.config import SweepConfig, trial_config
+from harness.config import TIMEOUT_FILE, SweepConfig, trial_config
+from harness.telemetry import TrialMetrics
+
+log = logging.getLogger(__name__)
 
 
 def storage_trial_dir() -> Path:
@@ -38,6 +43,34 @@ def storage_trial_dir() -> Path:
     return path
 
 
+class TrialTimeout(RuntimeError):
+    """The trial ran past the sweep's ``trial_timeout_minutes``."""
+
+
+def start_watchdog(trial_dir: Path, minutes: float | None, started: float) -> None:
+    """Stop this trial once it has run ``minutes`` since its first start (retries included).
+
+    A hung trial (a stuck collective, a placement group that never comes) reports nothing, so no
+    scheduler decision can stop it. A daemon timer records ``timeout.json`` and ends the trial's
+    process; Ray then releases its resources, and a restart of a timed-out trial fails at once.
+    """
+    if minutes is None:
+        return
+    marker = trial_dir / TIMEOUT_FILE
+    if marker.is_file():
+        raise TrialTimeout(f"stopped after the sweep's trial_timeout_minutes ({minutes:g}); see {marker}")
+    limit = started + 60 * minutes
+
+    def fire() -> None:
+        atomic_write_text(marker, json.dumps({"limit_minutes": minutes, "time": time.time()}))
+        log.error("trial ran past trial_timeout_minutes=%g: stopping it", minutes)
+        os._exit(3)  # the training thread may be stuck in native code: only the process can end it
+
+    timer = threading.Timer(max(0.0, limit - time.time()), fire)
+    timer.daemon = True
+    timer.start()
+
+
 def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, method: str, phase: str, seed: int) -> None:
     """Tune function trainable (``workers: 0``): trains in the trial process and reports every epoch."""
     ctx = tune.get_context()
@@ -47,23 +80,24 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
                 "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
         atomic_write_text(info_file, json.dumps(info, indent=2, default=str))
+    cfg_sweep = from_dict(SweepConfig, sweep)
+    start_watchdog(trial_dir, cfg_sweep.trial_timeout_minutes, json.loads(info_file.read_text())["started"])
     with open(trial_dir / "starts.jsonl", "a") as f:  # one line per (re)start: retries are visible
         f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}) + "\n")
-    cfg_sweep = from_dict(SweepConfig, sweep)
     cfg = trial_config(cfg_sweep, dataset, method, params, seed)
-    if cfg_sweep.resources_for(dataset).workers > 0:
+    if cfg_sweep.resources_for(dataset).workers > 1:
         _fit_with_ray_train(cfg, cfg_sweep, trial_dir, ctx.get_trial_id(), phase == "final")
         return
 
+    telemetry = TrialMetrics(cfg_sweep.name, dataset, method, phase, ctx.get_trial_id())  # stage, epoch, img/s, memory
+
     def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
+        telemetry.record(metrics)
         tune.report(dict(metrics))
 
-    res = train(cfg, workdir=trial_dir / "run", report=report, evaluate_test=(phase == "final"))
-    if method == "zeroshot" or not res.history:
-        return
-    last = dict(res.history[-1])
-    last.update({f"val_{k}": v for k, v in res.val.items() if k in ("mAP", "rank1", "rank5", "rank10", "mINP")})
-    tune.report(last)  # the final validation of the finished model (same s2_epoch: ASHA sees no new rung)
+    # The trainer writes result.json and model.pt before its last report, so a trial that ASHA stops at
+    # its final epoch has finished.
+    train(cfg, workdir=trial_dir / "run", report=report, evaluate_test=(phase == "final"))
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -73,18 +107,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from indivaid.training import resolve
 
     cfg = resolve(config["train_config"])
-    train(cfg, workdir=config["workdir"], report=lambda m, checkpoint=None: ray.train.report(dict(m)),
-          evaluate_test=config["evaluate_test"])
+    telemetry = TrialMetrics(**config["metric_tags"], worker=ray.train.get_context().get_world_rank())
+
+    def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
+        telemetry.record(metrics)
+        ray.train.report(dict(metrics))
+
+    train(cfg, workdir=config["workdir"], report=report, evaluate_test=config["evaluate_test"])
 
 
 def _fit_with_ray_train(cfg, sweep: SweepConfig, trial_dir: Path, trial_id: str, evaluate_test: bool) -> None:
-    """``workers >= 1``: a TorchTrainer inside the Tune trial (Tune cannot wrap a Trainer directly).
+    """``workers > 1``: a TorchTrainer inside the Tune trial (Tune cannot wrap a Trainer directly).
 
     Only rank 0's metrics reach Tune, through TuneReportCallback. The Train run is named after the
     Tune trial id, so a restored trial resumes the same run rather than starting a new one.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from indivaid.config import to_dict
@@ -92,12 +131,17 @@ def _fit_with_ray_train(cfg, sweep: SweepConfig, trial_dir: Path, trial_id: str,
     res = sweep.resources_for(cfg.data.dataset)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"train_config": to_dict(cfg), "workdir": str(trial_dir / "run"), "evaluate_test": evaluate_test},
+        train_loop_config={"train_config": to_dict(cfg), "workdir": str(trial_dir / "run"), "evaluate_test": evaluate_test,
+                           "metric_tags": {"sweep": sweep.name, "dataset": cfg.data.dataset, "method": cfg.method,
+                                           "phase": "final" if evaluate_test else "search", "trial_id": trial_id}},
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
                                                resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {}),
                                                                      **res.custom}),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=str(trial_dir.resolve() / "ray_train"),
                                        callbacks=[TuneReportCallback()],
-                                       failure_config=ray.train.FailureConfig(max_failures=sweep.max_failures)),
+                                       # one retry layer: Tune restarts the whole trial, which resumes
+                                       # from its checkpoint (retries here too would multiply them)
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+        torch_config=TorchConfig(backend="gloo" if cfg.runtime.device == "cpu" else None),
     )
     trainer.fit()

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from indivaid.data.adapters.base import find_images
+from indivaid.utils.console import make_console
 
 log = logging.getLogger(__name__)
-console = Console()
+console = make_console()  # natural-width tables when written to a file
 
 
 def cmd_train(argv: list[str]) -> None:

@@ -25,6 +25,7 @@ from indivaid.eval.metrics import RankMetrics
 from indivaid.eval.retrieval import score_retrieval
 from indivaid.config import apply_overrides, to_dict
 from indivaid.training import resolve, train
+from indivaid.utils.console import make_console
 from indivaid.utils.io import data_root, stable_hash
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict[
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override, e.g. stage2.epochs=10")
     ap.add_argument("--workdir", default="runs/demo", help="where the demo's training runs go")
     args = ap.parse_args(argv)
-    console = console or Console(width=None if Console().is_terminal else 110)
+    console = console or make_console()
     root = data_root(args.data_root)
     cache_root = Path(os.environ.get("INDIVAID_CACHE", root / "cache"))
     console.rule("[bold]IndivAID demo: synthetic animals")

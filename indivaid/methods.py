@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from indivaid.models.fusion import FusionMode
+from indivaid.models.fusion import FUSIONS
 from indivaid.registry import Registry
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``train`` False: the frozen CLIP image feature (zero-shot baseline, no stage 1 or 2)."""
+    """``train`` False: the frozen CLIP image feature (zero-shot baseline, no stage 1 or 2).
+    ``fusion`` names an entry of the fusion registry (``indivaid.models.fusion.FUSIONS``)."""
 
     meta_net: bool
-    fusion: FusionMode
+    fusion: str
     train: bool = True
     description: str = ""
+
+    def __post_init__(self) -> None:
+        FUSIONS.get(self.fusion)  # an unknown fusion fails at registration, naming the registered ones
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from indivaid.data import DATASETS, DataError, make_adapter, open_dataset, validate_catalogue
+from indivaid.data import DATASETS, PROTOCOLS, DataError, make_adapter, open_dataset, validate_catalogue
+from indivaid.data.catalogue import GIVEN_SPLITS
 
 PAPER = {  # name: (camera field examples, leave-one-out)
     "ATRW": (["1", "2"], False),
@@ -135,3 +137,63 @@ def test_synthetic_is_registered_like_any_other(small_catalogue):
     assert cat.table["camera"].n_unique() >= 2 and cat.table["encounter"].null_count() == 0
     with pytest.raises(DataError, match="unknown option 'identites'.*did you mean 'identities'"):
         make_adapter("synthetic", identites=3)
+
+
+def _paper(name: str) -> Callable[[Path, Path], dict]:
+    """A fixture tree for a paper dataset in the reference layout, in its real camera-field format."""
+
+    def build(tmp: Path, _data_root: Path) -> dict:
+        cams, loo = PAPER[make_adapter(name).info.name]
+        make_reference_tree(tmp / make_adapter(name).info.name, cams, loo)
+        return {"data_root": tmp}
+
+    return build
+
+
+def _reference(tmp: Path, _data_root: Path) -> dict:
+    make_reference_tree(tmp / "zebras", ["1", "2"], False)
+    return {"path": tmp / "zebras", "species": "zebra", "name": "zebras"}
+
+
+def _folder(tmp: Path, _data_root: Path) -> dict:
+    for ident in ("kima", "lua"):
+        write_image(tmp / "photos" / ident / "visit1" / "a.jpg", seed=len(ident))
+        write_image(tmp / "photos" / ident / "b.png", seed=7)
+    return {"path": tmp / "photos"}
+
+
+def _table(tmp: Path, _data_root: Path) -> dict:
+    for i in range(4):
+        write_image(tmp / "imgs" / f"{i}.jpg", seed=i)
+    pl.DataFrame({"identity": ["a", "a", "b", "b"], "path": [f"imgs/{i}.jpg" for i in range(4)],
+                  "camera": ["1", "2", "1", "2"]}).write_csv(tmp / "metadata.csv")
+    return {"path": tmp}
+
+
+def _synthetic(_tmp: Path, data_root: Path) -> dict:
+    from conftest import SMALL
+
+    return {"data_root": data_root, **SMALL}  # the session's generated set (made once, reused)
+
+
+#: How to lay out a small instance of each registered dataset: a new adapter needs an entry here.
+FIXTURES: dict[str, Callable[[Path, Path], dict]] = {
+    **{name.lower(): _paper(name) for name in PAPER},
+    "reference": _reference, "folder": _folder, "table": _table, "synthetic": _synthetic,
+}
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_registered_adapter_yields_a_valid_stable_catalogue(name: str, tmp_path: Path, data_root: Path):
+    if name not in FIXTURES:
+        pytest.fail(f"dataset {name!r} is registered but has no fixture: add a builder to FIXTURES in {__file__}")
+    kwargs = FIXTURES[name](tmp_path, data_root)
+    cat = validate_catalogue(open_dataset(name, **kwargs))  # every file exists and decodes
+    t = cat.table
+    assert len(cat) > 0 and t["image_id"].n_unique() == len(cat) and cat.num_identities >= 2
+    assert t["identity"].null_count() == 0 and (t["identity"].str.len_chars() > 0).all()
+    assert all(Path(p).is_absolute() for p in t["path"].to_list())
+    assert set(t["given_split"].drop_nulls().to_list()) <= set(GIVEN_SPLITS)
+    assert cat.species and cat.default_protocol in PROTOCOLS and cat.species == make_adapter(name, **{
+        k: v for k, v in kwargs.items() if k not in ("path", "data_root")}).info.species
+    assert open_dataset(name, **kwargs).sha256() == cat.sha256()  # the split hash's input is stable

@@ -19,7 +19,7 @@ search_space:
   stage2.lr: {kind: loguniform, low: 0.0001, high: 0.01}
   fusion.heads: {kind: choice, values: [1, 2]}
 search: {num_samples: 3}
-scheduler: {grace_period: 4}
+scheduler: {grace_period: 5}
 final: {seeds: 2}
 """
 
@@ -53,7 +53,7 @@ def test_plan_drops_keys_that_do_not_apply_and_counts_trials(tmp_path: Path):
     (("low: 0.0001, high: 0.01", "low: 0.01, high: 0.0001"), "search_space.stage2.lr: loguniform needs low < high"),
     (("values: [1, 2]", "values: [1, 3]"), "search_space.fusion.heads"),
     (("[synthetic]", "[atrv]"), "datasets[0]: unknown dataset 'atrv' (did you mean 'atrw'?)"),
-    (("grace_period: 4", "grace_period: 1"), "shorter than the stage-2 warm-up"),
+    (("grace_period: 5", "grace_period: 1"), "shorter than the stage-2 warm-up"),
 ])
 def test_bad_sweep_files_give_one_clear_error(tmp_path: Path, capsys, change, message):
     f = write(tmp_path, GOOD.replace(*change))
@@ -83,7 +83,7 @@ def test_dry_run_estimates_gpu_hours_from_published_sizes_without_touching_data(
     rows = {(r.exp.phase, r.exp.dataset, r.exp.method): r for r in plan_rows(sweep)}
     assert all(r.gpu_hours is not None and "(published)" in r.images for r in rows.values())
     assert rows["search", "polarbear", "indivaid"].resources.startswith("4 workers")  # PolarBear's DDP trials
-    assert rows["search", "atrw", "indivaid"].resources.startswith("1 worker x")
+    assert rows["search", "atrw", "indivaid"].resources == "8 CPU, 1 GPU"  # one GPU: a plain function trainable
     cfg = trial_config(sweep, "atrw", "indivaid", {})
     counts = image_counts(cfg)
     assert counts is not None and counts.source == "published" and counts.train + counts.val == 3730

@@ -1,4 +1,5 @@
-"""Kill the sweep driver mid-sweep, then ``--resume``: finished trials are not re-run, nothing is lost."""
+"""Interrupt the sweep driver (Ctrl-C, then SIGKILL) mid-sweep, then ``--resume``: finished trials are
+not re-run, an interrupted search is never marked finished, nothing is lost."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import polars as pl
 import pytest
 from test_harness_sweep import sweep_file
 
+from harness.sweep import FINISHED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +25,21 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(data_root: Path
                    search={"num_samples": 2, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
     storage = tmp_path / "results"
     env = {**os.environ, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    # Ctrl-C while the first (sequential) search runs: the sweep stops, the search is not marked finished
     driver = subprocess.Popen([sys.executable, "-m", "harness.sweep", str(f)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(p.stat().st_size for p in storage.glob("search-synthetic-clipreid/*/result.json")):
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 130 and "continue with --resume" in err and "Traceback" not in err, err[-3000:]
+    assert not (storage / "search-synthetic-clipreid" / FINISHED).exists()
+    assert not (storage / "search-synthetic-zeroshot").exists()  # the sweep stopped there
+    os.killpg(driver.pid, signal.SIGKILL)  # whatever the local Ray left behind
+    # then a hard kill of the resumed driver in the next experiment
+    driver = subprocess.Popen([sys.executable, "-m", "harness.sweep", str(f), "--resume"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (storage / "search-synthetic-zeroshot").exists():
@@ -37,6 +54,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(data_root: Path
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     t = pl.read_parquet(storage / "trials.parquet")
+    # the interrupted search was resumed, not restarted: num_samples trials in all
     assert t.filter(pl.col("method") == "clipreid").height == 2 and t.filter(pl.col("method") == "zeroshot").height == 1
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not re-run
     assert (t["status"] != "error").all() and set(t["status"]) <= {"completed", "stopped"}

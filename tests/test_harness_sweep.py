@@ -83,7 +83,7 @@ def test_torchtrainer_path_runs_ddp_workers_and_releases_resources(ray_local, da
     import ray
     from ray.util.placement_group import placement_group_table
 
-    f = sweep_file(tmp_path, data_root, methods=["clipreid"], resources={"cpus": 1, "workers": 1},
+    f = sweep_file(tmp_path, data_root, methods=["clipreid"], resources={"cpus": 1, "workers": 2},  # DDP over gloo
                    search={"num_samples": 2, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
     out = run_sweep(load_sweep(f))
     t = pl.read_parquet(out)

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from indivaid.losses import batch_hard_triplet, pairwise_euclidean, supcon
-from indivaid.models.backbone import WeightsError, adapt_visual, build_clip, output_grid, resize_pos_embed
+from indivaid.models.backbone import BACKBONES, WeightsError, adapt_visual, build_clip, model_config, output_grid, resize_pos_embed
 from indivaid.models.encoders import ImageEncoder, TextEncoder
-from indivaid.models.fusion import IdentityFusion, pad_descriptions
+from indivaid.models.fusion import FUSIONS, build_fusion, pad_descriptions
+from indivaid.models.head import ReIDHead
 from indivaid.models.prompt import PromptLearner
+from indivaid.training.config import FusionConfig
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +83,35 @@ def test_attention_fusion_starts_exactly_at_the_mean():
     desc = torch.randn(7, 16)
     padded, mask = pad_descriptions(desc, labels, 3)
     assert padded.shape == (3, 3, 16) and mask.sum().item() == 7
-    mean = IdentityFusion("mean", 16)(padded, mask)
+    mean = build_fusion("mean", 16, FusionConfig())(padded, mask)
     manual = torch.stack([desc[labels == c].mean(0) for c in range(3)])
     assert torch.allclose(mean, manual, atol=1e-6)
-    attn = IdentityFusion("attention", 16, heads=4)
+    attn = build_fusion("attention", 16, FusionConfig(heads=4))
     assert torch.equal(attn(padded, mask), mean)
     # once trained away from zero, attention moves T away from the mean
     torch.nn.init.normal_(attn.attn.out_proj.weight)
     assert not torch.allclose(attn(padded, mask), mean)
-    with pytest.raises(ValueError, match="must divide"):
-        IdentityFusion("attention", 16, heads=5)
+    with pytest.raises(ValueError, match="fusion.heads: 5 does not divide"):
+        build_fusion("attention", 16, FusionConfig(heads=5))
+
+
+@pytest.mark.parametrize("name", FUSIONS.names())
+def test_every_fusion_maps_masked_descriptions_to_one_per_identity(name: str):
+    """The registry contract: (C, N, D) + mask -> (C, D), padding ignored, searchable keys real."""
+    torch.manual_seed(0)
+    cls = FUSIONS.get(name)
+    fusion = build_fusion(name, 16, FusionConfig(heads=4))
+    labels = torch.tensor([0, 1, 1, 2, 2, 2]) if cls.per_image else torch.arange(3)
+    desc = torch.randn(len(labels), 16)
+    padded, mask = pad_descriptions(desc, labels, 3)
+    out = fusion(padded, mask)
+    assert out.shape == (3, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    garbage = padded.masked_fill(~mask.unsqueeze(-1), 1e6)  # whatever sits in the padding is ignored
+    assert torch.allclose(fusion(garbage, mask), out, atol=1e-5)
+    assert set(cls.keys) <= set(FusionConfig.__dataclass_fields__)  # keys a sweep may search exist
+    assert bool(list(fusion.parameters())) == ("lr_factor" in cls.keys)  # lr_factor only matters with weights
+    if not cls.per_image:  # one text per identity: fusion returns it unchanged
+        assert torch.allclose(out, desc, atol=1e-6)
 
 
 def test_supcon_matches_definition_and_triplet_is_finite():
@@ -115,7 +136,7 @@ def test_missing_pretrained_weights_fail_fast_with_instructions(monkeypatch, tmp
     with pytest.raises(WeightsError, match="local checkpoint file") as e:
         build_clip("ViT-B-16", "openai", (256, 128), 16, cache_dir=str(tmp_path))
     assert time.perf_counter() - t < 1.0 and "HF_HUB_OFFLINE" in str(e.value)
-    with pytest.raises(WeightsError, match="neither a file nor an open_clip tag"):
+    with pytest.raises(WeightsError, match="neither a file, an open_clip folder, an hf-hub: repo nor an open_clip tag"):
         build_clip("ViT-B-16", "no-such-tag", (256, 128), 16)
 
 
@@ -127,3 +148,74 @@ def test_local_checkpoint_loads_strictly_and_mismatch_fails(tiny_clip, tmp_path:
     torch.save({k: v for k, v in tiny_clip.state_dict().items() if not k.startswith("visual.ln_post")}, path)
     with pytest.raises(WeightsError, match="does not fit"):
         build_clip("tiny", str(path), (64, 32), 16)
+
+
+def save_open_clip_folder(model: torch.nn.Module, backbone: str, folder: Path, **cfg_extra) -> Path:
+    """``model`` as open_clip writes a hub repo: open_clip_config.json + open_clip_model.safetensors."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.visual.image_mean, model.visual.image_std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    save_config_for_hf(model, folder / "open_clip_config.json", model_config={**model_config(BACKBONES.get(backbone)), **cfg_extra})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder
+
+
+def hub_cache(root: Path, repo_id: str, snapshot: Path) -> Path:
+    """A Hugging Face cache holding ``snapshot``'s files as repo ``repo_id`` (the layout hf_hub_download reads)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for f in snapshot.iterdir():
+        (repo / "snapshots" / commit / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_open_clip_format_loads_from_its_weights_file_and_its_folder(tiny_clip, tmp_path: Path):
+    folder = save_open_clip_folder(tiny_clip, "tiny", tmp_path / "tiny-clip")
+    for pretrained in (str(folder / "open_clip_model.safetensors"), str(folder), f"local-dir:{folder}"):
+        again = build_clip("tiny", pretrained, (64, 32))
+        assert torch.equal(again.visual.conv1.weight, tiny_clip.visual.conv1.weight)
+        assert torch.equal(again.text_projection, tiny_clip.text_projection)
+    (folder / "open_clip_model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="needs open_clip_config.json and one of"):
+        build_clip("tiny", str(folder), (64, 32))
+
+
+def test_hf_hub_tag_loads_offline_from_a_local_cache(tiny_clip, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = hub_cache(tmp_path / "hf", "zoo/tiny-clip", save_open_clip_folder(tiny_clip, "tiny", tmp_path / "snap"))
+    gelu = save_open_clip_folder(tiny_clip, "tiny", tmp_path / "snap-q", quick_gelu=True)
+    hub_cache(cache, "zoo/tiny-clip-quickgelu", gelu)
+    t = time.perf_counter()
+    clip = build_clip("tiny", "hf-hub:zoo/tiny-clip", (64, 32), cache_dir=str(cache))
+    assert time.perf_counter() - t < 5.0  # no network wait
+    assert torch.equal(clip.visual.conv1.weight, tiny_clip.visual.conv1.weight) and not clip.uses_quick_gelu
+    assert build_clip("tiny", "hf-hub:zoo/tiny-clip-quickgelu", (64, 32), cache_dir=str(cache)).uses_quick_gelu
+    with pytest.raises(WeightsError, match=r"different architecture than backbone 'small'.*set model.backbone: tiny"):
+        build_clip("small", "hf-hub:zoo/tiny-clip", (128, 64), cache_dir=str(cache))
+    with pytest.raises(WeightsError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
+        build_clip("tiny", "hf-hub:zoo/not-cached", (64, 32), cache_dir=str(cache))
+    with pytest.raises(WeightsError, match="hf-hub:<owner>/<repo>"):
+        build_clip("tiny", "hf-hub:bioclip", (64, 32), cache_dir=str(cache))
+
+
+def test_vit_l14_stride_defaults_to_its_patch_and_head_widths_come_from_the_model():
+    from indivaid.training import resolve
+
+    assert resolve({"model": {"backbone": "ViT-L-14"}}).model.stride == 14
+    assert resolve({"model": {"backbone": "ViT-B-16"}}).model.stride == 16
+    with pytest.raises(ValueError, match="model.stride: 16 is larger than the ViT-L-14 patch size 14"):
+        resolve({"model": {"backbone": "ViT-L-14", "stride": 16}})
+    with torch.device("meta"):  # the real shapes without allocating ViT-L/14's weights
+        clip = build_clip("ViT-L-14", None, (256, 128))
+        enc = ImageEncoder(clip.visual, num_cameras=2)
+        head = ReIDHead(enc.width, enc.embed_dim, num_ids=7)
+    assert clip.visual.conv1.stride == (14, 14) and clip.visual.grid_size == (18, 9)
+    assert clip.visual.positional_embedding.shape == (1 + 18 * 9, 1024) and enc.camera_embed.shape == (3, 1024)
+    assert (enc.width, enc.embed_dim) == (1024, 768)
+    assert head.cls_f12.weight.shape == (7, 1024) and head.cls_fproj.weight.shape == (7, 768)

@@ -74,7 +74,8 @@ def test_train_transform_shapes_ranges_and_per_image_randomness():
     cfg = AugmentConfig()
     out = train_transform(imgs, cfg, torch.Generator().manual_seed(0))
     assert out.shape == (64, 3, 32, 16) and out.dtype == torch.float32
-    assert out.min() >= -1 and out.max() <= 1
+    no_erase = train_transform(imgs, AugmentConfig(erase_p=0.0), torch.Generator().manual_seed(0))
+    assert no_erase.min() >= -1 and no_erase.max() <= 1  # normalised pixels; erasing adds N(0, 1) noise
     again = train_transform(imgs, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)  # deterministic under a seeded generator
     plain = normalize(imgs, cfg)
@@ -94,18 +95,25 @@ def test_flip_only_flips_and_pad_crop_is_a_shift():
         assert len(hits) == 1
 
 
-def test_random_erasing_area_and_probability():
-    x = torch.zeros(2000, 3, 64, 32)
-    cfg = AugmentConfig(erase_p=0.5, erase_value=1.0)
-    out = random_erasing(x, cfg, torch.Generator().manual_seed(0))
-    frac = (out[:, 0] == 1).flatten(1).float().mean(1)
+def test_random_erasing_pixel_mode_area_probability_and_noise():
+    x = torch.full((2000, 3, 64, 32), 7.0)  # a value N(0, 1) noise never takes
+    out = random_erasing(x, AugmentConfig(erase_p=0.5), torch.Generator().manual_seed(0))
+    hit = out != 7.0
+    assert torch.equal(hit[:, 0], hit[:, 1]) and torch.equal(hit[:, 0], hit[:, 2])  # one rectangle across channels
+    frac = hit[:, 0].flatten(1).float().mean(1)
     erased = frac > 0
     assert 0.45 < erased.float().mean() < 0.55
-    assert frac[erased].min() >= 0.015 and frac[erased].max() <= 0.34
-    assert torch.equal(out[:, 0], out[:, 2])  # one rectangle across channels
+    assert frac[erased].min() >= 0.015 and frac[erased].max() <= 1 / 3 + 0.01
+    rows, cols = hit[:, 0].any(2), hit[:, 0].any(1)  # a filled rectangle: its area is rows x columns
+    assert torch.equal(hit[:, 0].flatten(1).sum(1), rows.sum(1) * cols.sum(1))
+    noise = out[hit]  # the reference's pixel mode: N(0, 1) per pixel and channel, in normalised units
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    first = out[erased.nonzero()[0, 0]]
+    assert not torch.equal(first[0][hit[erased][0, 0]], first[1][hit[erased][0, 0]])  # channels drawn apart
+    assert torch.equal(random_erasing(x, AugmentConfig(erase_p=0.0), None), x)
 
 
-def test_pk_sampler_structure_coverage_and_sharding():
+def test_pk_sampler_structure_coverage_and_purity():
     labels = np.repeat(np.arange(20), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2)
     s = PKSampler(labels, p=4, k=4, seed=0)
     batches = list(s)
@@ -115,14 +123,38 @@ def test_pk_sampler_structure_coverage_and_sharding():
         ids, counts = np.unique(labels[b], return_counts=True)
         assert len(b) == 16 and len(ids) == 4 and (counts == 4).all()
         np.add.at(seen, b, 1)
-    assert (seen > 0).mean() > 0.9  # an epoch visits (nearly) every image
+    chunks = np.bincount(labels[np.concatenate(batches)], minlength=20) // 4  # batches each identity joined
+    assert (chunks <= np.maximum(1, np.bincount(labels) // 4)).all()  # chunks of K; leftovers short of K dropped
     assert [b.tolist() for b in s] == [b.tolist() for b in batches]  # same epoch, same batches
+    fresh = PKSampler(labels.copy(), p=4, k=4, seed=0)  # a pure function of (labels, seed, epoch)
+    assert [b.tolist() for b in fresh.global_batches(0)] == [b.tolist() for b in batches]
     s.set_epoch(1)
     assert [b.tolist() for b in s] != [b.tolist() for b in batches]
-    ranks = [PKSampler(labels, 4, 4, seed=0, rank=r, world_size=2) for r in range(2)]
-    r0, r1 = list(ranks[0]), list(ranks[1])
-    assert len(r0) == len(r1) == len(batches) // 2
-    assert [b.tolist() for b in r0] == [b.tolist() for b in batches[0 : 2 * len(r0) : 2]]
-    assert [b.tolist() for b in r1] == [b.tolist() for b in batches[1 : 2 * len(r1) : 2]]
+    assert [b.tolist() for b in PKSampler(labels, 4, 4, seed=1)] != [b.tolist() for b in batches]
     with pytest.raises(ValueError, match="at least P=8 identities"):
         PKSampler(np.arange(3), p=8, k=4)
+
+
+def test_pk_sampler_picks_identities_uniformly_not_by_image_count():
+    """Like the reference RandomIdentitySampler: a 40-image identity leads no more often than a 4-image one."""
+    labels = np.repeat(np.arange(16), [40] * 8 + [4] * 8)  # 8 big and 8 small identities
+    s = PKSampler(labels, p=4, k=4, seed=0)
+    first = np.concatenate([labels[s.global_batches(e)[0]][::4] for e in range(400)])  # 4 identities per batch
+    big_share = np.isin(first, np.arange(8)).mean()
+    assert 0.45 < big_share < 0.55  # proportional-to-images sampling would give ~0.9
+    per_epoch = np.concatenate(s.global_batches(0))  # every image of a big identity: 10 chunks of K
+    assert all((labels[per_epoch] == i).sum() <= 40 for i in range(8))
+
+
+def test_pk_sampler_splits_one_global_batch_across_ranks():
+    labels = np.repeat(np.arange(20), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2)
+    single = list(PKSampler(labels, 8, 4, seed=3))
+    ranks = [list(PKSampler(labels, 8, 4, seed=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)  # the same optimiser steps per epoch as one process
+    for step, whole in enumerate(single):
+        r0, r1 = ranks[0][step], ranks[1][step]
+        assert len(r0) == len(r1) == 16 and np.array_equal(np.concatenate([r0, r1]), whole)
+        assert not set(labels[r0]) & set(labels[r1])  # each identity on one rank, with all K of its images
+    assert PKSampler(labels, 8, 4, rank=1, world_size=4).batch_size == 8
+    with pytest.raises(ValueError, match=r"batch_p=6 .* over 4 DDP workers.*stage1.batch_p and stage2.batch_p"):
+        PKSampler(labels, 6, 4, rank=0, world_size=4)

@@ -45,7 +45,8 @@ def test_demo_prints_split_and_raw_pixel_baseline(data_root: Path, monkeypatch, 
     monkeypatch.setenv("INDIVAID_CACHE", str(tmp_path / "cache"))
     console = Console(record=True, width=120)
     opts = [f"-o{k}={v}" for k, v in SMALL.items()]  # the demo's generator, made small
-    quick = ["--set", "stage1.min_steps=0", "--set", "stage1.epochs=1", "--set", "stage2.epochs=1"]
+    quick = ["--set", "stage1.min_steps=0", "--set", "stage1.epochs=1", "--set", "stage2.epochs=1",
+             "--set", "stage2.warmup_epochs=0"]  # a 1-epoch run has no room for the tiny preset's warm-up
     results = demo.main(["--data-root", str(data_root), *opts, "--methods", "clipreid", *quick,
                          "--workdir", str(tmp_path / "runs")], console=console)
     text = console.export_text()

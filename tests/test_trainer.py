@@ -15,8 +15,12 @@ import torch
 from conftest import SMALL
 
 from indivaid.config import apply_overrides
+from indivaid.methods import METHODS
+from indivaid.models.fusion import FUSIONS
 from indivaid.training import REPORT_KEYS, TrainingError, resolve, train
-from indivaid.training.trainer import Run, description_cache, frozen_feature_cache, stage1, stage2
+from indivaid.training.schedule import milestone_epochs, warmup_multistep
+from indivaid.training.trainer import (Run, description_cache, frozen_feature_cache, save_inference_checkpoint, stage1,
+                                       stage2)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +32,7 @@ def micro_config(data_root: Path, cache: Path, *overrides: str, method: str = "i
         "model": {"backbone": "tiny", "input_size": [64, 32]},
         "fusion": {"heads": 2},
         "stage1": {"epochs": 2, "min_steps": 0, "batch_p": 8, "batch_k": 4},
-        "stage2": {"epochs": 2, "batch_p": 8, "batch_k": 4, "warmup_epochs": 1},
+        "stage2": {"epochs": 2, "batch_p": 8, "batch_k": 4, "warmup_epochs": 0},
         "runtime": {"deterministic": True, "threads": 2},
     }
     return resolve(apply_overrides(base, list(overrides)))
@@ -56,10 +60,52 @@ def test_each_stage_trains_only_what_it_should(data_root: Path, tmp_path: Path):
     stage2(run, feats, None)
     assert not changed(text0, s.text) and not changed(prompt1, s.prompt)
     assert "visual.conv1.weight" in changed(image0, s.image)
-    assert {"cls768.weight", "bn768.weight", "bn512.running_mean"} <= changed(head0, s.head)
-    assert not {"bn768.bias", "bn512.bias"} & changed(head0, s.head)  # BNNeck bias frozen
+    assert {"cls_f12.weight", "bn_f12.weight", "bn_fproj.running_mean"} <= changed(head0, s.head)
+    assert not {"bn_f12.bias", "bn_fproj.bias"} & changed(head0, s.head)  # BNNeck bias frozen
     assert "attn.out_proj.weight" in changed(fusion0, s.fusion)
     assert [r["stage"] for r in run.history] == [1, 1, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One image + frozen-feature cache for the per-method runs (the method is not in its key)."""
+    return tmp_path_factory.mktemp("method-cache")
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_registered_method_trains_one_tiny_epoch(method: str, data_root: Path, shared_cache: Path, tmp_path: Path):
+    """Each method (ablations included) through both stages and into a loadable inference model,
+    training exactly what its registry entry says."""
+    from indivaid.inference import load_inference
+
+    spec = METHODS.get(method)
+    cfg = micro_config(data_root, shared_cache, "stage1.epochs=1", "stage2.epochs=1", method=method)
+    if not spec.train:
+        reports = []
+        res = train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: reports.append(m), evaluate_test=False)
+        assert [m["stage"] for m in reports] == [0] and 0 <= res.val["mAP"] <= 1
+        return
+    run = Run(cfg, tmp_path / "run", None)
+    s = run.system
+    assert (s.prompt.meta_net is not None) == spec.meta_net and type(s.fusion) is FUSIONS.get(spec.fusion)
+    image0, fusion0 = snapshot(s.image), snapshot(s.fusion)
+    feats = frozen_feature_cache(s, cfg, run.split, run.images, run.rt)
+    stage1(run, feats, {}, None)
+    desc, mask = description_cache(run, feats)
+    per_identity = mask.sum(1)
+    assert (per_identity >= 1).all() and (per_identity.max() > 1) == s.fusion.per_image
+    stage2(run, feats, None)
+    assert [r["stage"] for r in run.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in run.history)
+    s2 = cfg.stage2
+    milestones = milestone_epochs(s2.milestones, s2.milestone_unit, s2.epochs)
+    assert run.history[-1]["lr"] == pytest.approx(s2.lr * warmup_multistep(0, s2.warmup_epochs, s2.warmup_factor,
+                                                                           milestones, s2.gamma))
+    assert "visual.conv1.weight" in changed(image0, s.image)
+    assert bool(changed(fusion0, s.fusion)) == bool(list(s.fusion.parameters()))  # a learnable fusion learns
+    model = load_inference(save_inference_checkpoint(run))
+    emb = model.embed_uint8(run.images[torch.arange(3)])
+    assert emb.shape == (3, s.image.width + s.image.embed_dim) and torch.isfinite(emb).all()
 
 
 def test_stage1_loss_falls_and_descriptions_cluster_by_identity(data_root: Path, tmp_path: Path):
@@ -79,15 +125,43 @@ def test_stage1_loss_falls_and_descriptions_cluster_by_identity(data_root: Path,
 
 def test_report_has_fixed_keys_once_per_epoch_and_result_files(data_root: Path, tmp_path: Path):
     reports = []
-    cfg = micro_config(data_root, tmp_path / "cache", "stage1.epochs=1", "stage2.epochs=2", method="clipreid")
-    res = train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: reports.append((m, checkpoint)))
-    assert [(m["stage"], m["epoch"], m["s2_epoch"]) for m, _ in reports] == [(1, 1, 0), (2, 1, 1), (2, 2, 2)]
-    assert all(tuple(m) == REPORT_KEYS for m, _ in reports)
-    assert all(0 <= m["val_mAP"] <= 1 for m, _ in reports) and reports[-1][1].endswith("checkpoint.pt")
+    cfg = micro_config(data_root, tmp_path / "cache", "stage1.epochs=1", "stage2.epochs=2", "checkpoint.every=1",
+                       method="clipreid")
+    run_dir = tmp_path / "run"
+
+    def report(m, checkpoint=None):  # what is on disk when each report arrives
+        reports.append((m, checkpoint, (run_dir / "result.json").is_file(), (run_dir / "model.pt").is_file()))
+
+    res = train(cfg, workdir=run_dir, report=report)
+    assert [(m["stage"], m["epoch"], m["s2_epoch"]) for m, *_ in reports] == [(1, 1, 0), (2, 1, 1), (2, 2, 2)]
+    assert all(tuple(m) == REPORT_KEYS for m, *_ in reports)
+    assert all(0 <= m["val_mAP"] <= 1 for m, *_ in reports) and all(m["steps"] >= 1 for m, *_ in reports)
+    # mid-run reports carry the resumable checkpoint; the last one comes after the results are written,
+    # so a scheduler that stops the run at its final report stops a finished run
+    assert reports[1][1].endswith("checkpoint.pt") and reports[-1][1] is None
+    assert [r[2:] for r in reports] == [(False, False), (False, False), (True, True)]
     assert res.test is not None and 0 < res.test["mAP"] <= 1 and res.stage2_epochs == 2
-    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert on_disk["split_hash"] == res.split_hash and (tmp_path / "run" / "split.csv").is_file()
-    assert Path(res.checkpoint).is_file()
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk["split_hash"] == res.split_hash and (run_dir / "split.csv").is_file()
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=vars) == json.dumps(b, sort_keys=True, default=vars)  # NaN-safe
+    assert Path(res.checkpoint).is_file() and same(on_disk["history"][-1], reports[-1][0])
+    # resumable state is dropped once the run has finished; what was written is on record
+    assert not (run_dir / "checkpoint.pt").exists()
+    saves = [json.loads(line) for line in (run_dir / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["epoch"]) for e in saves] == [(1, 1), (2, 1)] and all(e["bytes"] > 0 for e in saves)
+    # a restarted finished run trains nothing: it returns the result and re-sends the last report
+    again = []
+    res2 = train(cfg, workdir=run_dir, report=lambda m, checkpoint=None: again.append(m))
+    assert same(res2, res) and same(again, [reports[-1][0]])
+
+
+def test_no_mid_run_checkpoints_and_a_step_cap(data_root: Path, tmp_path: Path):
+    steps = []
+    cfg = micro_config(data_root, tmp_path / "cache", "stage1.epochs=1", "stage2.epochs=2", "checkpoint.every=0",
+                       "runtime.max_steps_per_epoch=1", "checkpoint.keep=true", method="clipreid")
+    train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: steps.append((m["steps"], checkpoint)))
+    assert steps == [(1, None)] * 3
+    assert not (tmp_path / "run" / "checkpoints.jsonl").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_zeroshot_reports_once_and_needs_no_training(data_root: Path, tmp_path: Path):
@@ -107,8 +181,14 @@ def test_checkpoint_from_another_config_is_refused(data_root: Path, tmp_path: Pa
     cfg = micro_config(data_root, tmp_path / "cache", "stage2.epochs=1", method="clipreid")
     train(cfg, workdir=tmp_path / "run", evaluate_test=False)
     other = micro_config(data_root, tmp_path / "cache", "stage2.epochs=1", "stage2.lr=0.01", method="clipreid")
-    with pytest.raises(TrainingError, match="different config"):
+    with pytest.raises(TrainingError, match="finished run of a different config"):
         train(other, workdir=tmp_path / "run")
+    (tmp_path / "run" / "result.json").unlink()  # an unfinished run's checkpoint is refused too
+    longer = micro_config(data_root, tmp_path / "cache", "stage2.epochs=3", "checkpoint.every=1", method="clipreid")
+    with pytest.raises(SystemExit):
+        train(longer, workdir=tmp_path / "run2", report=lambda m, checkpoint=None: sys.exit() if m["s2_epoch"] == 1 else None)
+    with pytest.raises(TrainingError, match="different config"):
+        train(other, workdir=tmp_path / "run2")
 
 
 KILL_SCRIPT = """

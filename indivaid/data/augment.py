@@ -1,8 +1,9 @@
 """Train/test transforms as batched tensor ops on whatever device the batch is on.
 
-Equivalent to the references' torchvision pipeline (resize is done once by the image cache):
-horizontal flip, zero-pad + random crop, normalise, random erasing -- each drawn independently per
-image, with no Python loop over the batch.
+Equivalent to the references' pipeline (resize is done once by the image cache): horizontal flip,
+zero-pad + random crop, normalise, then random erasing in timm's ``pixel`` mode (the rectangle is
+filled with per-pixel, per-channel N(0, 1) noise in the normalised image) -- each drawn
+independently per image, with no Python loop over the batch.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ class AugmentConfig:
     flip_p: float = field(default=0.5, metadata={"ge": 0.0, "le": 1.0})
     pad: int = field(default=10, metadata={"ge": 0})
     erase_p: float = field(default=0.5, metadata={"ge": 0.0, "le": 1.0})
-    erase_scale: tuple[float, float] = (0.02, 0.33)
-    erase_ratio: tuple[float, float] = (0.3, 3.3)
-    erase_value: float = 0.5  # in normalised units: the references erase with the pixel mean after Normalize
+    erase_scale: tuple[float, float] = (0.02, 1 / 3)  # erased area / image area (timm's min/max_area)
+    erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)  # aspect range, drawn log-uniformly (timm's)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -53,8 +53,9 @@ def random_pad_crop(x: Tensor, pad: int, gen: torch.Generator | None) -> Tensor:
 
 
 def random_erasing(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None, attempts: int = 10) -> Tensor:
-    """Erase one random rectangle per image with probability ``erase_p`` (torchvision's sampling:
-    up to ``attempts`` draws of area and log-uniform aspect; the first that fits is used)."""
+    """Erase one random rectangle per image with probability ``erase_p``, filled with N(0, 1) noise
+    per pixel and channel (timm's ``RandomErasing(mode='pixel')``, as the references use it: up to
+    ``attempts`` draws of area and log-uniform aspect; the first that fits is used)."""
     b, _, h, w = x.shape
     dev = x.device
     area = h * w * torch.empty(b, attempts, device=dev).uniform_(*cfg.erase_scale, generator=gen)
@@ -73,7 +74,8 @@ def random_erasing(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None, a
     xs = torch.arange(w, device=dev).view(1, 1, w)
     inside = (ys >= top.view(b, 1, 1)) & (ys < (top + eh).view(b, 1, 1)) & (xs >= left.view(b, 1, 1)) & (xs < (left + ew).view(b, 1, 1))
     mask = (inside & do.view(b, 1, 1)).unsqueeze(1)
-    return torch.where(mask, torch.as_tensor(cfg.erase_value, dtype=x.dtype, device=dev), x)
+    noise = torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype)
+    return torch.where(mask, noise, x)
 
 
 def train_transform(images: Tensor, cfg: AugmentConfig, gen: torch.Generator | None = None,

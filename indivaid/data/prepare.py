@@ -5,13 +5,17 @@
 
 writes ``OUT/<Name>/{train,query,gallery}/<pid>_<camid>_<n>.jpg`` (validation identities stay in
 ``train/``, as in the references, and are marked in the split file), ``OUT/<Name>/identities.csv``
-(pid -> original identity) and ``OUT/<Name>/split-seed<seed>.csv``. Images are hard-linked when
+(pid -> original identity), ``OUT/<Name>/prepared.json`` (the source it came from) and
+``OUT/<Name>/split-seed<seed>.csv``. ``folder``, ``table`` and ``reference`` data are named after
+their folder or table file (``-o name=NAME`` names them otherwise); a different dataset already
+prepared under that name is never overwritten. Images are hard-linked when
 they need no crop (copied across file systems) and cropped to their bounding box otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -28,6 +32,8 @@ from indivaid.data.split import Split, SplitConfig, build_split, write_split
 from indivaid.utils.io import data_root
 
 log = logging.getLogger(__name__)
+
+PREPARED = "prepared.json"  # in every prepared dataset: the source it was prepared from
 
 
 def wildlife_catalogue(class_name: str, root: Path, species: str, protocol: str) -> Catalogue:
@@ -80,6 +86,7 @@ def write_reference_layout(split: Split, out: Path) -> Split:
         new_paths.append(str(out / rel))
         new_ids.append(str(rel))
     pl.DataFrame({"pid": list(pid.values()), "identity": list(pid)}).write_csv(tmp / "identities.csv")
+    (tmp / PREPARED).write_text(json.dumps({"dataset": split.dataset, "source": str(split.root.resolve())}, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -89,14 +96,39 @@ def write_reference_layout(split: Split, out: Path) -> Split:
     return Split(table, dict(split.header), out)
 
 
+def prepared_from(target: Path) -> Path | None:
+    """The source a prepared dataset folder was made from (None: not written by this command)."""
+    try:
+        return Path(json.loads((target / PREPARED).read_text())["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_target(target: Path, src: Path) -> None:
+    """Refuse to replace a different dataset that has the same name; preparing the same source
+    again (another seed, new images) replaces its earlier layout."""
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    previous = prepared_from(target)
+    if previous == src:
+        return
+    held = (f"a dataset prepared from {previous}" if previous
+            else "files not written by prepare (remove them to reuse the name)")
+    raise DataError(f"{target} already holds {held}; prepare {src} under another name (-o name=NAME) "
+                    "or into another --out")
+
+
 def prepare(cat: Catalogue, out_root: Path, cfg: SplitConfig, *, layout: bool = True) -> Path:
     """Validate, split and (optionally) lay out ``cat``; returns the split file's path."""
+    if not cat.name or cat.name in (".", "..") or "/" in cat.name or "\\" in cat.name:
+        raise DataError(f"dataset name {cat.name!r} cannot be a folder name; give another with -o name=NAME")
     split = build_split(cat, cfg)
     target = (out_root / cat.name).resolve()
     src = cat.root.resolve()
     if layout and (target == src or target in src.parents or src in target.parents):
         raise DataError(f"--out {out_root} would write {target} over the source data in {src}; choose another --out")
     if layout:
+        check_target(target, src)
         split = write_reference_layout(split, target)
     path = write_split(split, target / f"split-seed{cfg.seed}.csv")
     log.info("wrote %s (split hash %s)", path, split.hash)
@@ -129,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(name)
         return 0
     try:
-        options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+        options = {k: v if k == "name" else yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
         if args.wildlife:
             if not args.path:
                 raise DataError("--wildlife needs --path (the downloaded dataset's folder)")

@@ -1,10 +1,15 @@
-"""P x K identity sampler: P identities, K images each, per batch.
+"""P x K identity sampler: P identities, K images each, per global batch.
 
-An epoch visits every training image about once: each identity's images are shuffled, padded by
-sampling with replacement to a multiple of K (identities with fewer than K images are drawn with
-replacement) and cut into K-chunks; batches take chunks of P distinct identities. The batch list
-is a pure function of (labels, seed, epoch), so every DDP rank computes the same list and takes
-its own share (batches ``rank, rank + world, ...``, truncated to equal length).
+Identity-balanced like the references' ``RandomIdentitySampler``: each epoch every identity's
+images are shuffled and cut into K-chunks (an identity with fewer than K images is drawn with
+replacement up to K; leftover images short of a chunk are dropped), and each batch takes the next
+chunk of P identities drawn *uniformly* from those with chunks left, so an identity with many
+images is not favoured over one with few. The batch list is a pure function of (labels, seed,
+epoch), so every DDP rank computes the same global list.
+
+Under DDP one global batch is split across the ranks, as CLIP-ReID's distributed sampler does:
+rank r takes the r-th block of P/world identities of every global batch, so the batch size the
+learning rate was tuned for and the optimiser steps per epoch stay those of one process.
 """
 
 from __future__ import annotations
@@ -12,6 +17,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+
+
+def identity_chunks(members: list[np.ndarray], k: int, rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Each identity's shuffled images cut into K-chunks (drawn with replacement below K images)."""
+    chunks = []
+    for idx in members:
+        pick = rng.choice(idx, k, replace=True) if len(idx) < k else rng.permutation(idx)
+        usable = len(pick) - len(pick) % k
+        chunks.append(list(pick[:usable].reshape(-1, k)))
+    return chunks
+
+
+def rank_share(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s block of a global batch laid out identity by identity (P/world x K images)."""
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank : (rank + 1) * per_rank]
 
 
 class PKSampler:
@@ -24,38 +45,40 @@ class PKSampler:
             raise ValueError(f"P x K sampling needs at least P={p} identities, the training split has {len(ids)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if p % world_size:
+            raise ValueError(f"batch_p={p} identities per global batch cannot be split evenly over {world_size} "
+                             f"DDP workers; set stage1.batch_p and stage2.batch_p to multiples of {world_size} "
+                             "(or use another worker count)")
         self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
+        self.labels = labels
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse))
         self.members = np.split(order, bounds[:-1])
         self.epoch = 0
 
+    @property
+    def batch_size(self) -> int:
+        """Images per step on this rank: P/world identities x K."""
+        return self.p // self.world_size * self.k
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """All batches of an epoch (index arrays of length P*K), identical on every rank."""
+        """All global batches of an epoch (P*K indices, identity by identity), identical on every rank."""
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
-        chunks: list[list[np.ndarray]] = []
-        for idx in self.members:
-            n = max(self.k, -(-len(idx) // self.k) * self.k)
-            pick = rng.permutation(idx)
-            if n > len(idx):
-                pick = np.concatenate([pick, rng.choice(idx, n - len(idx), replace=True)])
-            chunks.append(list(pick.reshape(-1, self.k)))
-        batches = []
+        chunks = identity_chunks(self.members, self.k, rng)
         remaining = np.array([len(c) for c in chunks])
+        batches = []
         while (remaining > 0).sum() >= self.p:
-            avail = np.flatnonzero(remaining > 0)
-            chosen = rng.choice(avail, self.p, replace=False, p=remaining[avail] / remaining[avail].sum())
-            batches.append(np.concatenate([chunks[i][remaining[i] - 1] for i in chosen]))
+            chosen = rng.choice(np.flatnonzero(remaining > 0), self.p, replace=False)  # uniform over identities
+            batches.append(np.concatenate([chunks[i][len(chunks[i]) - remaining[i]] for i in chosen]))
             remaining[chosen] -= 1
         return batches
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        batches = self.global_batches()
-        n = len(batches) // self.world_size
-        return iter(batches[self.rank : n * self.world_size : self.world_size])
+        """This rank's share of every global batch: as many steps as one process takes."""
+        return iter([rank_share(b, self.rank, self.world_size) for b in self.global_batches()])
 
     def __len__(self) -> int:
-        return len(self.global_batches()) // self.world_size
+        return len(self.global_batches())

@@ -1,4 +1,10 @@
-"""Fusing an identity's image-specific descriptions into one identity description T_y.
+"""Fusing an identity's descriptions into one identity description T_y: a registry of modules.
+
+Every fusion module maps ``(C, N, D)`` descriptions and a ``(C, N)`` validity mask to ``(C, D)``
+identity descriptions (fp32). What the trainer caches for it is the entry's ``per_image`` trait:
+the image-specific descriptions of each identity's training images (padded and masked), or one
+plain prompt text per identity (N = 1). Its ``keys`` are the ``fusion.*`` config keys it reads,
+so a sweep searches exactly those for the methods that use it.
 
 ``attention`` (IndivAID; our design, the paper's module is not available): multi-head attention
 with the mean description as the query and the identity's descriptions as keys/values (padded and
@@ -6,16 +12,23 @@ masked, all identities at once). Its output projection is zero-initialised on a 
 starts exactly at the mean and moves away only as the image-to-text loss finds it useful. No
 LayerNorm: it would fix ||T|| and change the i2t logit scale between fusion modes.
 ``mean``: the plain mean (the public code; an ablation). ``none``: CLIP-ReID's single text feature.
+
+A new fusion module touches two files, three if a new method uses it: its class, registered here
+with ``@FUSIONS.register(name)``; any new option as a field of ``FusionConfig``
+(``indivaid/training/config.py``); a ``MethodSpec`` naming it in ``indivaid/methods.py``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-FusionMode = Literal["attention", "mean", "none"]
+from indivaid.registry import Registry
+
+if TYPE_CHECKING:
+    from indivaid.training.config import FusionConfig
 
 
 def pad_descriptions(desc: Tensor, labels: Tensor, num_ids: int) -> tuple[Tensor, Tensor]:
@@ -34,27 +47,80 @@ def pad_descriptions(desc: Tensor, labels: Tensor, num_ids: int) -> tuple[Tensor
     return out, mask
 
 
-class IdentityFusion(nn.Module):
-    def __init__(self, mode: FusionMode, dim: int, heads: int = 8) -> None:
+def masked_mean(desc: Tensor, mask: Tensor) -> Tensor:
+    """(C, N, D) descriptions + (C, N) mask -> (C, D) mean over each identity's valid rows (fp32)."""
+    desc = desc.float()
+    w = mask.unsqueeze(-1).to(desc.dtype)
+    return (desc * w).sum(1) / w.sum(1)
+
+
+class FusionModule(nn.Module):
+    """Base of the registered fusion modules: built from the text width and ``FusionConfig``."""
+
+    #: True: fuses the image-specific descriptions; False: gets one plain prompt text per identity.
+    per_image: ClassVar[bool] = True
+    #: The ``fusion.*`` config keys the module reads (what a sweep may search for it).
+    keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, dim: int, cfg: FusionConfig) -> None:
         super().__init__()
-        if mode not in ("attention", "mean", "none"):
-            raise ValueError(f"unknown fusion mode {mode!r}")
-        self.mode = mode
-        self.attn = None
-        if mode == "attention":
-            if dim % heads:
-                raise ValueError(f"fusion.heads={heads} must divide the text width {dim}")
-            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-            nn.init.zeros_(self.attn.out_proj.weight)
-            nn.init.zeros_(self.attn.out_proj.bias)
+        type(self).check(cfg, dim)
+
+    @classmethod
+    def check(cls, cfg: FusionConfig, dim: int) -> None:
+        """Raise ``ValueError`` naming the ``fusion.*`` key when ``cfg`` does not fit width ``dim``
+        (called by the trainer config's validation; this module reads no option)."""
 
     def forward(self, desc: Tensor, mask: Tensor) -> Tensor:
         """(C, N, D) descriptions + (C, N) mask -> (C, D) identity descriptions (fp32)."""
-        desc = desc.float()
-        w = mask.unsqueeze(-1).to(desc.dtype)
-        mean = (desc * w).sum(1) / w.sum(1)
-        if self.attn is None:
-            return mean
+        return masked_mean(desc, mask)
+
+
+FUSIONS: Registry[type[FusionModule]] = Registry("fusion")
+
+
+@FUSIONS.register("mean")
+class MeanFusion(FusionModule):
+    """The plain mean of the identity's image-specific descriptions (what the public code does)."""
+
+
+@FUSIONS.register("none")
+class IdentityText(FusionModule):
+    """CLIP-ReID: the identity's one plain prompt text (N = 1, so the mean is the text itself)."""
+
+    per_image = False
+
+
+@FUSIONS.register("attention")
+class AttentionFusion(FusionModule):
+    """Mean-query multi-head attention over the descriptions, added to the mean (starts at the mean)."""
+
+    keys = ("heads", "lr_factor")
+
+    def __init__(self, dim: int, cfg: FusionConfig) -> None:
+        super().__init__(dim, cfg)
+        self.attn = nn.MultiheadAttention(dim, cfg.heads, batch_first=True)
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    @classmethod
+    def check(cls, cfg: FusionConfig, dim: int) -> None:
+        if dim % cfg.heads:
+            raise ValueError(f"fusion.heads: {cfg.heads} does not divide the text-feature width {dim}; "
+                             f"use a divisor of {dim}")
+
+    def forward(self, desc: Tensor, mask: Tensor) -> Tensor:
+        mean = masked_mean(desc, mask)
         with torch.autocast(desc.device.type, enabled=False):
-            out, _ = self.attn(mean.unsqueeze(1), desc, desc, key_padding_mask=~mask, need_weights=False)
+            out, _ = self.attn(mean.unsqueeze(1), desc.float(), desc.float(), key_padding_mask=~mask, need_weights=False)
         return mean + out.squeeze(1)
+
+
+def build_fusion(name: str, dim: int, cfg: FusionConfig) -> FusionModule:
+    """The registered fusion module ``name`` for text width ``dim``."""
+    return FUSIONS.get(name)(dim, cfg)
+
+
+def fusion_reads(name: str, key: str) -> bool:
+    """Whether fusion ``name`` reads config key ``fusion.<key>`` (else searching it changes nothing)."""
+    return key in FUSIONS.get(name).keys

@@ -1,4 +1,9 @@
-"""BNNeck and identity classifiers (the strong re-ID baseline head used by CLIP-ReID)."""
+"""BNNeck and identity classifiers (the strong re-ID baseline head used by CLIP-ReID).
+
+One BNNeck + classifier on each image feature the losses use: ``f12`` (the final CLS token, the
+encoder's width: 768 for ViT-B/16, 1024 for ViT-L/14) and ``fproj`` (its projection into the
+joint space: 512 / 768). Names follow the feature, not a width, so every backbone reads the same.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,10 @@ from indivaid.models.encoders import ImageFeatures
 
 
 class HeadOutput(NamedTuple):
-    logits768: Tensor
-    logits512: Tensor
-    bn768: Tensor
-    bn512: Tensor
+    logits_f12: Tensor
+    logits_fproj: Tensor
+    bn_f12: Tensor
+    bn_fproj: Tensor
 
 
 def _bnneck(dim: int) -> nn.BatchNorm1d:
@@ -32,12 +37,12 @@ def _classifier(dim: int, num_ids: int) -> nn.Linear:
 class ReIDHead(nn.Module):
     def __init__(self, width: int, embed_dim: int, num_ids: int) -> None:
         super().__init__()
-        self.bn768, self.bn512 = _bnneck(width), _bnneck(embed_dim)
-        self.cls768, self.cls512 = _classifier(width, num_ids), _classifier(embed_dim, num_ids)
+        self.bn_f12, self.bn_fproj = _bnneck(width), _bnneck(embed_dim)
+        self.cls_f12, self.cls_fproj = _classifier(width, num_ids), _classifier(embed_dim, num_ids)
 
     def forward(self, f: ImageFeatures) -> HeadOutput:
-        b768, b512 = self.bn768(f.f12), self.bn512(f.fproj)
-        return HeadOutput(self.cls768(b768), self.cls512(b512), b768, b512)
+        b_f12, b_fproj = self.bn_f12(f.f12), self.bn_fproj(f.fproj)
+        return HeadOutput(self.cls_f12(b_f12), self.cls_fproj(b_fproj), b_f12, b_fproj)
 
 
 def inference_feature(f: ImageFeatures, head: ReIDHead | None, *, after_bn: bool = False,
@@ -46,7 +51,7 @@ def inference_feature(f: ImageFeatures, head: ReIDHead | None, *, after_bn: bool
     if after_bn:
         if head is None:
             raise ValueError("after-BN features need a trained head")
-        parts = [head.bn768(f.f12), head.bn512(f.fproj)]
+        parts = [head.bn_f12(f.f12), head.bn_fproj(f.fproj)]
     else:
         parts = [f.f12, f.fproj]
     parts = [p.float() for p in parts]

@@ -16,7 +16,7 @@ import torch
 from indivaid.utils.io import atomic_write_bytes
 
 TRAIN_FORMAT = "indivaid-train/1"
-INFERENCE_FORMAT = "indivaid-inference/1"
+INFERENCE_FORMAT = "indivaid-inference/2"  # 2: head fields named by feature (bn_f12, cls_fproj), not width
 
 
 def save(obj: dict[str, Any], path: Path) -> None:

@@ -1,12 +1,12 @@
 """The trainer's configuration: one frozen dataclass per section, loaded by :mod:`indivaid.config`.
 
 ``preset: NAME`` starts from ``indivaid/presets/NAME.yaml`` (the public per-dataset settings of
-method.md section 6, adjusted for batched stage 1) and the file's own keys override it.
+docs/method.md section 6, adjusted for batched stage 1) and the file's own keys override it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +36,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "ViT-B-16"
-    pretrained: str | None = "openai"  # open_clip tag, checkpoint file, or null for random init
-    quick_gelu: bool | None = None  # None: follow the pretrained tag
+    # open_clip tag, hf-hub:<owner>/<repo> (e.g. hf-hub:imageomics/bioclip), checkpoint file or
+    # open_clip folder, or null for random init
+    pretrained: str | None = "openai"
+    quick_gelu: bool | None = None  # None: follow the weights (the tag, or a shipped open_clip config)
     input_size: tuple[int, int] = (256, 128)
-    stride: int = field(default=16, metadata={"ge": 1})
+    stride: int | None = field(default=None, metadata={"ge": 1})  # None: the backbone's patch size
     sie: bool = False  # camera embedding on the CLS token
     sie_coef: float = 1.0
     similarity: Literal["dot", "cosine"] = "dot"  # dot: CLIP-ReID's raw logits (tau = 1)
@@ -69,6 +71,7 @@ class Stage1Config:
     lr: float = field(default=3.5e-4, metadata={"gt": 0})
     weight_decay: float = 1e-4
     warmup_epochs: int = field(default=5, metadata={"ge": 0})
+    warmup_lr_init: float = field(default=1e-5, metadata={"ge": 0})  # the warm-up starts here (timm's name)
     lr_min: float = 1e-6
 
 
@@ -103,7 +106,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = field(default=1, metadata={"ge": 1})  # epochs
+    """Resumable training state. A finished run needs none of it (``model.pt`` and ``result.json``
+    hold what evaluation, reproduction and the leaderboard use), so it is deleted at the end unless
+    ``keep``; ``every: 0`` writes none at all, for runs too short to be worth resuming."""
+
+    every: int = field(default=1, metadata={"ge": 0})  # epochs between saves; 0: no mid-run checkpoint
+    keep: bool = False  # keep the last training checkpoint after the run finishes
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,9 @@ class RuntimeConfig:
     deterministic: bool = False
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     threads: int | None = None
+    # Caps every epoch's optimiser steps (rehearsals on CPU); epoch counts, stage 1's step budget in
+    # epochs, schedules and evaluation cadence stay as configured.
+    max_steps_per_epoch: int | None = field(default=None, metadata={"ge": 1})
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from indivaid.methods import METHODS
-        from indivaid.models.backbone import BACKBONES
+        from indivaid.models.backbone import BACKBONES, model_config
+        from indivaid.models.fusion import FUSIONS
 
         if self.method not in METHODS:
             raise ValueError(f"method: unknown {self.method!r}{did_you_mean(self.method, METHODS.names())}; "
@@ -140,13 +152,45 @@ class TrainConfig:
         if self.model.backbone not in BACKBONES:
             raise ValueError(f"model.backbone: unknown {self.model.backbone!r}"
                              f"{did_you_mean(self.model.backbone, BACKBONES.names())}")
-        if METHODS.get(self.method).fusion == "attention":
-            from indivaid.models.backbone import model_config
+        arch = model_config(BACKBONES.get(self.model.backbone))
+        # frozen: set the resolved stride the way dataclasses' own __init__ does
+        object.__setattr__(self, "model", with_stride(self.model, int(arch["vision_cfg"]["patch_size"])))
+        method = METHODS.get(self.method)
+        if method.train:
+            FUSIONS.get(method.fusion).check(self.fusion, int(arch["embed_dim"]))
+            check_milestones(self.stage2)
 
-            dim = model_config(BACKBONES.get(self.model.backbone))["embed_dim"]
-            if dim % self.fusion.heads:
-                raise ValueError(f"fusion.heads: {self.fusion.heads} does not divide the {self.model.backbone} "
-                                 f"text-feature width {dim}")
+
+def with_stride(model: ModelConfig, patch: int) -> ModelConfig:
+    """``model`` with its patch stride resolved (None: the backbone's ``patch``) and checked."""
+    if model.stride is None:
+        model = replace(model, stride=patch)
+    if model.stride > patch:
+        raise ValueError(f"model.stride: {model.stride} is larger than the {model.backbone} patch size {patch}, so "
+                         f"pixels between patches would never be seen; use at most {patch} (unset: {patch})")
+    if min(model.input_size) < patch:
+        raise ValueError(f"model.input_size: {list(model.input_size)} is smaller than the {model.backbone} patch "
+                         f"size {patch}")
+    return model
+
+
+def check_milestones(s2: Stage2Config) -> None:
+    """Stage-2 milestones must come after the warm-up: one at or before its end would lower the
+    rate before it ever reaches ``stage2.lr`` (the 1-based reference schedule, docs/method.md §9)."""
+    from indivaid.training.schedule import milestone_epochs
+
+    if list(s2.milestones) != sorted(s2.milestones):
+        raise ValueError(f"stage2.milestones: {list(s2.milestones)} must be in increasing order")
+    if s2.epochs == 0:
+        return
+    epochs = milestone_epochs(s2.milestones, s2.milestone_unit, s2.epochs)
+    early = [m for m, e in zip(s2.milestones, epochs) if e <= s2.warmup_epochs]
+    if early:
+        resolved = f" (fractions of stage2.epochs={s2.epochs}: epochs {epochs})" if s2.milestone_unit == "fraction" else ""
+        raise ValueError(
+            f"stage2.milestones: {early} come at or before the end of the {s2.warmup_epochs}-epoch warm-up{resolved}, "
+            f"so the learning rate would drop before it ever reached stage2.lr; put every milestone after epoch "
+            f"{s2.warmup_epochs}, or shorten stage2.warmup_epochs (0: no warm-up)")
 
 
 def preset_names() -> list[str]:

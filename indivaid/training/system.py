@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from indivaid.methods import MethodSpec
 from indivaid.models.backbone import build_clip
 from indivaid.models.encoders import ImageEncoder, TextEncoder
-from indivaid.models.fusion import IdentityFusion
+from indivaid.models.fusion import build_fusion
 from indivaid.models.head import ReIDHead
 from indivaid.models.prompt import PromptLearner
 from indivaid.training.config import TrainConfig
@@ -32,8 +32,7 @@ class ReIDSystem(nn.Module):
         self.prompt = PromptLearner(self.text, num_ids, species, n_ctx=cfg.prompt.n_ctx, template=cfg.prompt.template,
                                     meta_net=method.meta_net, embed_dim=self.image.embed_dim,
                                     init_std=cfg.prompt.init_std) if method.train else None
-        self.fusion = IdentityFusion(method.fusion, self.image.embed_dim, cfg.fusion.heads) \
-            if method.train and method.fusion == "attention" else None
+        self.fusion = build_fusion(method.fusion, self.image.embed_dim, cfg.fusion) if method.train else None
         self.head = ReIDHead(self.image.width, self.image.embed_dim, num_ids) if method.train else None
         self.quick_gelu = bool(clip.uses_quick_gelu)
 

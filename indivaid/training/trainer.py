@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 Report = Callable[..., None]
 #: Every report carries exactly these keys (NaN where a stage has no such value).
 REPORT_KEYS = ("stage", "epoch", "s2_epoch", "loss", "loss_i2t", "loss_t2i", "loss_id", "loss_triplet",
-               "loss_i2t_s2", "lr", "images_per_s", "val_mAP", "val_rank1", "val_rank5", "val_rank10", "val_mINP")
+               "loss_i2t_s2", "lr", "steps", "images_per_s", "max_mem_gb", "val_mAP", "val_rank1", "val_rank5",
+               "val_rank10", "val_mINP")
 NAN = float("nan")
 
 
@@ -74,6 +75,7 @@ class RunResult:
     images_per_s: float
     checkpoint: str
     history: list[dict[str, float]] = field(default_factory=list)
+    config_hash: str = ""  # a restarted run with this config and a result.json does not train again
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +217,9 @@ def score_features(feats: Tensor, split: Split, stage: str, row_index: dict[str,
                            camera_codes=split.camera_codes(), metric=cfg.eval.metric, normalize=True)
 
 
-def as_val(m: RankMetrics) -> dict[str, float]:
-    return {"val_mAP": m.mAP, "val_rank1": m.cmc[1], "val_rank5": m.cmc[5], "val_rank10": m.cmc[10], "val_mINP": m.mINP}
+def val_keys(metrics: dict[str, float]) -> dict[str, float]:
+    """The report's ``val_*`` keys from a plain metrics dict (``{}`` on ranks that do not score)."""
+    return {k: v for k, v in ((f"val_{k}", metrics.get(k)) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")) if v is not None}
 
 
 def plain(m: RankMetrics) -> dict[str, float]:
@@ -256,6 +259,7 @@ class Run:
         self.train_feature_index = torch.tensor([self.row_index[i] for i in train["image_id"].to_list()])
         self.history: list[dict[str, float]] = []
         self.last_val: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}  # the last validation score in full (main rank)
         self.images_per_s = NAN
 
     def _sie_codes(self, rows: pl.DataFrame) -> Tensor | None:
@@ -266,9 +270,17 @@ class Run:
 
     # -- reporting / checkpoints -------------------------------------------------------------
 
-    def report(self, values: dict[str, float], checkpoint_path: str | None = None) -> None:
+    def report(self, values: dict[str, float], checkpoint_path: str | None = None,
+               before_send: Callable[[], None] | None = None) -> None:
+        """Record one epoch's row, then hand it to the caller's callback. ``before_send`` runs in
+        between: the last epoch writes the run's results there, so that a scheduler stopping the
+        run at its final report (ASHA's top rung) stops a finished run."""
+        if self.rt.device.type == "cuda":  # peak accelerator memory so far (preflights size GPUs with it)
+            values = {**values, "max_mem_gb": torch.cuda.max_memory_allocated(self.rt.device) / 2**30}
         row = {k: float(values.get(k, NAN)) for k in REPORT_KEYS}
         self.history.append(row)
+        if before_send is not None:
+            before_send()
         if self.user_report is not None:
             self.user_report(row, checkpoint=checkpoint_path)
 
@@ -287,7 +299,15 @@ class Run:
                  "optimizer": opt.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
                  "last_val": self.last_val}
         ckpt.save(state, self.ckpt_path)
+        entry = {"stage": stage, "epoch": epoch, "bytes": self.ckpt_path.stat().st_size, "time": time.time()}
+        with open(self.workdir / "checkpoints.jsonl", "a") as f:  # what was written, for the disk budget
+            f.write(json.dumps(entry) + "\n")
         return str(self.ckpt_path)
+
+    def checkpoint_due(self, done: int, last: int, *, final_too: bool) -> bool:
+        """Whether epoch ``done`` (1-based) of a stage ending at ``last`` saves resumable state."""
+        every = self.cfg.checkpoint.every
+        return every > 0 and (done % every == 0 or (final_too and done == last)) and (final_too or done < last)
 
     def load_train_state(self) -> dict[str, Any] | None:
         if not self.ckpt_path.is_file():
@@ -323,14 +343,15 @@ class Run:
         return box[0]
 
 
-def epoch_batches(sampler: PKSampler, epoch: int, device: torch.device) -> Tensor:
-    """This rank's batches of an epoch as one (num_batches, P*K) index tensor on ``device``.
+def epoch_batches(sampler: PKSampler, epoch: int, device: torch.device, max_steps: int | None = None) -> Tensor:
+    """This rank's batches of an epoch as one (num_batches, P*K) index tensor on ``device``
+    (the first ``max_steps`` of them when capped).
 
     One host-to-device copy per epoch: a per-step copy from pageable memory would make the host
     wait for the GPU every step and starve it at small batch sizes.
     """
     sampler.set_epoch(epoch)
-    batches = list(sampler)
+    batches = list(sampler)[:max_steps]
     width = sampler.p * sampler.k
     host = torch.from_numpy(np.stack(batches)) if batches else torch.zeros(0, width, dtype=torch.long)
     return host.to(device)
@@ -388,10 +409,10 @@ def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: 
         start = state["epoch"]
     model = _wrap(prompt, rt)
     for epoch in range(start, epochs):
-        lr = cosine_with_warmup(epoch, epochs, cfg.warmup_epochs, cfg.lr, cfg.lr_min)
+        lr = cosine_with_warmup(epoch, epochs, cfg.warmup_epochs, cfg.lr, cfg.lr_min, cfg.warmup_lr_init)
         for group in opt.param_groups:
             group["lr"] = lr
-        batches = epoch_batches(sampler, epoch, rt.device)
+        batches = epoch_batches(sampler, epoch, rt.device, run.cfg.runtime.max_steps_per_epoch)
         sums = torch.zeros(2, device=rt.device)
         t0 = time.perf_counter()
         for idx in batches:
@@ -408,10 +429,11 @@ def stage1(run: Run, feats: dict[str, Tensor], zs_val: dict[str, float], state: 
         run.last_val = zs_val
         done = epoch + 1
         path = None
-        if done % run.cfg.checkpoint.every == 0 or done == epochs:
+        if run.checkpoint_due(done, epochs, final_too=True):  # stage 1's end too: stage 2 resumes without it
             path = run.save_train_state(1, done, {"prompt": prompt, "scale": _ScaleHolder(system)}, opt)
         run.report({"stage": 1, "epoch": done, "s2_epoch": 0, "loss": losses["loss_i2t"] + losses["loss_t2i"], **losses,
-                    "lr": lr, "images_per_s": n * rt.world_size / max(1e-9, time.perf_counter() - t0), **zs_val}, path)
+                    "lr": lr, "steps": len(batches), "images_per_s": n * rt.world_size / max(1e-9, time.perf_counter() - t0),
+                    **zs_val}, path)
     return epochs
 
 
@@ -429,17 +451,18 @@ class _ScaleHolder(nn.Module):
 
 
 @torch.no_grad()
-def description_cache(run: Run, feats: dict[str, Tensor]) -> tuple[Tensor, Tensor] | Tensor:
-    """After stage 1: per-image descriptions padded per identity (fusion) or identity texts (none)."""
+def description_cache(run: Run, feats: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """After stage 1: what the fusion module fuses, padded per identity with its mask: every training
+    image's description, or one plain identity text each (a fusion that is not ``per_image``)."""
     system, rt = run.system, run.rt
     system.eval()
     num_ids = len(run.identities)
     out = []
     with rt.autocast():
-        if run.method.fusion == "none":
+        if not system.fusion.per_image:
             for s in range(0, num_ids, 256):
                 out.append(system.describe(torch.arange(s, min(num_ids, s + 256), device=rt.device), None, use_meta=False).float())
-            return torch.cat(out)
+            return pad_descriptions(torch.cat(out), torch.arange(num_ids, device=rt.device), num_ids)
         v = feats["fproj"][run.train_feature_index].to(rt.device)
         labels = run.train_labels.to(rt.device)
         for s in range(0, len(labels), 256):
@@ -473,13 +496,8 @@ class _Stage2Net(nn.Module):
     def forward(self, x: Tensor, cams: Tensor | None, desc: Tensor | tuple[Tensor, Tensor]):
         f = self.image(x, cams)
         h = self.head(f)
-        text = self.fusion(*desc) if self.fusion is not None else (desc if isinstance(desc, Tensor) else _mean(*desc))
+        text = self.fusion(*desc)
         return f, h, text
-
-
-def _mean(desc: Tensor, mask: Tensor) -> Tensor:
-    w = mask.unsqueeze(-1).float()
-    return (desc.float() * w).sum(1) / w.sum(1)
 
 
 def stage2_losses(system: ReIDSystem, net: nn.Module, x: Tensor, y: Tensor, cams: Tensor | None,
@@ -487,7 +505,7 @@ def stage2_losses(system: ReIDSystem, net: nn.Module, x: Tensor, y: Tensor, cams
     """Total stage-2 loss and its (ID, triplet, image-to-text) terms for one augmented batch."""
     with rt.autocast():
         f, h, text = net(x, cams, desc)
-    l_id = cross_entropy_ls(h.logits768, y, cfg.label_smoothing) + cross_entropy_ls(h.logits512, y, cfg.label_smoothing)
+    l_id = cross_entropy_ls(h.logits_f12, y, cfg.label_smoothing) + cross_entropy_ls(h.logits_fproj, y, cfg.label_smoothing)
     l_tri = torch.stack([batch_hard_triplet(t, y, cfg.margin) for t in (f.f11, f.f12, f.fproj)]).sum()
     l_i2t = cross_entropy_ls(similarity(f.fproj, text, cosine=system.cosine, scale=system.scale), y, cfg.label_smoothing)
     loss = cfg.id_weight * l_id + cfg.triplet_weight * l_tri + cfg.i2t_weight * l_i2t
@@ -521,7 +539,8 @@ class Stage2Stepper:
         return sums
 
 
-def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
+def stage2(run: Run, feats: dict[str, Tensor], state: dict | None, finish: Callable[[], None] | None = None) -> int:
+    """Fine-tune the image encoder; ``finish`` writes the run's results just before the last report."""
     cfg, rt, system = run.cfg.stage2, run.rt, run.system
     for p in system.prompt.parameters():
         p.requires_grad_(False)
@@ -549,7 +568,7 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
         factor = warmup_multistep(epoch, cfg.warmup_epochs, cfg.warmup_factor, milestones, cfg.gamma)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        batches = epoch_batches(sampler, epoch, rt.device)
+        batches = epoch_batches(sampler, epoch, rt.device, run.cfg.runtime.max_steps_per_epoch)
         gen = torch.Generator(device=rt.device).manual_seed(run.cfg.runtime.seed * 100_003 + epoch * 7919 + rt.rank)
         t0 = time.perf_counter()
         sums = stepper.run(batches, gen)
@@ -560,17 +579,18 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None) -> int:
         losses = dict(zip(("loss_id", "loss_triplet", "loss_i2t_s2"), means))
         done = epoch + 1
         if done % run.cfg.eval.every == 0 or done == cfg.epochs:
-            val = as_val(run.evaluate("val")) if rt.is_main else {}
-            run.last_val = run.broadcast(val)
+            run.val_metrics = plain(run.evaluate("val")) if rt.is_main else {}
+            run.last_val = run.broadcast(val_keys(run.val_metrics))
         path = None
-        if done % run.cfg.checkpoint.every == 0 or done == cfg.epochs:
+        if run.checkpoint_due(done, cfg.epochs, final_too=False):  # the last epoch writes results instead
             mods = {"image": system.image, "head": system.head, "prompt": system.prompt, "scale": _ScaleHolder(system)}
             if system.fusion is not None:
                 mods["fusion"] = system.fusion
             path = run.save_train_state(2, done, mods, opt)
         loss = cfg.id_weight * losses["loss_id"] + cfg.triplet_weight * losses["loss_triplet"] + cfg.i2t_weight * losses["loss_i2t_s2"]
         run.report({"stage": 2, "epoch": done, "s2_epoch": done, "loss": loss, **losses, "lr": cfg.lr * factor,
-                    "images_per_s": ips, **run.last_val}, path)
+                    "steps": len(batches), "images_per_s": ips, **run.last_val}, path,
+                   before_send=finish if done == cfg.epochs else None)
     return cfg.epochs
 
 
@@ -592,40 +612,68 @@ def save_inference_checkpoint(run: Run) -> Path:
     return path
 
 
+def finished_result(cfg: TrainConfig, workdir: Path) -> RunResult | None:
+    """The recorded result of this config in ``workdir``, if the run already finished there."""
+    try:
+        data = json.loads((workdir / "result.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if data.get("config_hash") != stable_hash(to_dict(cfg)):
+        raise TrainingError(f"{workdir} holds the finished run of a different config; use a fresh workdir "
+                            "(or delete its result.json to train there again)")
+    return RunResult(**data)
+
+
 def train(cfg: TrainConfig, *, workdir: str | Path, report: Report | None = None, evaluate_test: bool = True) -> RunResult:
-    """Train ``cfg.method`` on ``cfg.data`` in ``workdir`` (resuming if it holds a checkpoint)."""
+    """Train ``cfg.method`` on ``cfg.data`` in ``workdir`` (resuming if it holds a checkpoint).
+
+    The results (``result.json``, ``model.pt``) are written before the last report, and a run
+    restarted after that point returns them (re-sending the last report) instead of training again.
+    """
     t_start = time.perf_counter()
     workdir = Path(workdir).resolve()
+    done = finished_result(cfg, workdir)
+    if done is not None:
+        log.info("%s already holds the finished run of this config", workdir)
+        if report is not None and done.history:
+            report(done.history[-1], checkpoint=None)
+        return done
     run = Run(cfg, workdir, report)
     atomic_write_text(workdir / "config.json", json.dumps(to_dict(cfg), indent=2))
     feats = frozen_feature_cache(run.system, cfg, run.split, run.images, run.rt)
     zs_feats = torch.cat([feats["f12"], feats["fproj"]], 1)  # the zero-shot inference feature
-    zs = score_features(zs_feats, run.split, "val", run.row_index, cfg)
-    zs_val = as_val(zs)
+    zs = plain(score_features(zs_feats, run.split, "val", run.row_index, cfg))
+    zs_val = val_keys(zs)
     state = run.load_train_state()
-    s1 = s2 = 0
+    results: list[RunResult] = []
+
+    def finish() -> None:
+        """Score, save the inference model and write result.json (main rank); drop resumable state."""
+        test = None
+        if evaluate_test and run.rt.is_main:
+            test = plain(run.evaluate("test")) if run.method.train else \
+                plain(score_features(zs_feats, run.split, "test", run.row_index, cfg))
+        model_path = save_inference_checkpoint(run) if run.rt.is_main else workdir / "model.pt"
+        s1 = sum(1 for h in run.history if h["stage"] == 1)
+        s2 = sum(1 for h in run.history if h["stage"] == 2)
+        result = RunResult(str(workdir), cfg.method, run.split.dataset, run.split.hash, cfg.runtime.seed,
+                           run.val_metrics if run.method.train else zs, test, zs_val, s1, s2,
+                           time.perf_counter() - t_start, run.images_per_s, str(model_path), list(run.history),
+                           run.config_hash())
+        if run.rt.is_main:
+            atomic_write_text(workdir / "result.json", json.dumps(asdict(result), indent=2, default=float))
+            if not cfg.checkpoint.keep:
+                run.ckpt_path.unlink(missing_ok=True)
+        results.append(result)
+
     if run.method.train:
         if state is None or state["stage"] == 1:
-            s1 = stage1(run, feats, zs_val, state)
+            stage1(run, feats, zs_val, state)
             state = None  # stage 2 starts fresh after stage 1
-        else:
-            s1 = sum(1 for h in run.history if h["stage"] == 1)
-        s2 = stage2(run, feats, state)
-        val = run.evaluate("val") if run.rt.is_main else None
+        stage2(run, feats, state, finish)
     else:
-        val = zs
-        if not run.history:
-            run.report({"stage": 0, "epoch": 0, "s2_epoch": 0, **zs_val})
-    test = None
-    if evaluate_test and run.rt.is_main:
-        if run.method.train:
-            test = plain(run.evaluate("test"))
-        else:
-            test = plain(score_features(zs_feats, run.split, "test", run.row_index, cfg))
-    model_path = save_inference_checkpoint(run) if run.rt.is_main else workdir / "model.pt"
-    result = RunResult(str(workdir), cfg.method, run.split.dataset, run.split.hash, cfg.runtime.seed,
-                       plain(val) if val is not None else {}, test, {k: float(v) for k, v in zs_val.items()}, s1, s2,
-                       time.perf_counter() - t_start, run.images_per_s, str(model_path), run.history)
-    if run.rt.is_main:
-        atomic_write_text(workdir / "result.json", json.dumps(asdict(result), indent=2, default=float))
-    return result
+        run.report({"stage": 0, "epoch": 0, "s2_epoch": 0, **zs_val}, before_send=finish)
+    if not results:  # no stage-2 epoch ran (stage2.epochs: 0)
+        run.val_metrics = plain(run.evaluate("val")) if run.rt.is_main else {}
+        finish()
+    return results[0]

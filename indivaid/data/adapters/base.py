@@ -89,6 +89,15 @@ def check_expected_counts(cat: Catalogue, expected: Mapping[str, tuple[int, int]
             )
 
 
+def source_name(path: Path) -> str:
+    """The name of user data with no ``name:`` option: its folder's name, or its table file's stem,
+    so that two datasets prepared into one data root land in two folders."""
+    name = path.stem if path.is_file() else path.name
+    if not name or name.startswith("."):
+        raise DataError(f"{path}: cannot name a dataset after it; give it a name with -o name=NAME")
+    return name
+
+
 def find_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted for determinism."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -98,8 +107,9 @@ AdapterFactory = Callable[..., DatasetAdapter]
 DATASETS: Registry[AdapterFactory] = Registry("dataset")
 
 
-def make_adapter(name: str, **options: Any) -> DatasetAdapter:
-    """Build the adapter registered as ``name``; unknown options name the valid ones."""
+def make_adapter(name: str, /, **options: Any) -> DatasetAdapter:
+    """Build the adapter registered as ``name``; unknown options name the valid ones (``name`` is
+    positional-only, so that ``name=`` can be an option: the folder/table/reference datasets')."""
     factory = DATASETS.get(name)
     params = inspect.signature(factory).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -113,7 +123,8 @@ def make_adapter(name: str, **options: Any) -> DatasetAdapter:
     return factory(**options)
 
 
-def open_dataset(name: str, path: str | Path | None = None, data_root: str | Path | None = None, **options: Any) -> Catalogue:
+def open_dataset(name: str, /, path: str | Path | None = None, data_root: str | Path | None = None,
+                 **options: Any) -> Catalogue:
     """Load the dataset registered as ``name`` from ``path`` (default: under the data root)."""
     adapter = make_adapter(name, **options)
     where = Path(path).expanduser().resolve() if path else adapter.default_path(resolve_data_root(data_root))

@@ -11,26 +11,31 @@ from __future__ import annotations
 
 import ast
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 
-from indivaid.data.adapters.base import DATASETS, DatasetAdapter, DatasetInfo, find_images
+from indivaid.data.adapters.base import DATASETS, DatasetAdapter, DatasetInfo, find_images, source_name
 from indivaid.data.catalogue import Catalogue, DataError, list_paths
 
 log = logging.getLogger(__name__)
 
 
 class FolderAdapter(DatasetAdapter):
-    """One sub-folder per identity; a second folder level, when present, is the encounter."""
+    """One sub-folder per identity; a second folder level, when present, is the encounter.
+    Named after its folder unless ``name`` is given."""
 
-    def __init__(self, *, name: str = "folder", species: str = "animal", protocol: str = "none") -> None:
-        self.info = DatasetInfo(name, species, default_protocol=protocol)
+    def __init__(self, *, name: str | None = None, species: str = "animal", protocol: str = "none") -> None:
+        self.info = DatasetInfo(name or "folder", species, default_protocol=protocol)
+        self._named = name is not None
 
     def default_path(self, data_root: Path, *, create: bool = True) -> Path:
         raise DataError("the `folder` dataset needs an explicit path: <root>/<identity>/<images>")
 
     def load(self, path: Path) -> Catalogue:
+        if not self._named:
+            self.info = replace(self.info, name=source_name(path))
         ids = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not ids:
             raise DataError(f"{path}: no identity sub-folders found; expected {path}/<identity>/<image files>")
@@ -74,18 +79,23 @@ def read_table(file: Path) -> pl.DataFrame:
 
 
 class TableAdapter(DatasetAdapter):
-    """A metadata table; image paths are relative to ``images`` (default: the table's folder)."""
+    """A metadata table; image paths are relative to ``images`` (default: the table's folder).
+    Named after the path it is loaded from (the table file, or the folder holding it) unless
+    ``name`` is given."""
 
-    def __init__(self, *, table: str = "metadata.csv", images: str | None = None, name: str = "table",
+    def __init__(self, *, table: str = "metadata.csv", images: str | None = None, name: str | None = None,
                  species: str | None = None, protocol: str = "none", video: bool = False) -> None:
         self.table_name, self.images = table, images
-        self.info = DatasetInfo(name, species or "animal", default_protocol=protocol, video=video)
+        self.info = DatasetInfo(name or "table", species or "animal", default_protocol=protocol, video=video)
         self._species_given = species is not None
+        self._named = name is not None
 
     def default_path(self, data_root: Path, *, create: bool = True) -> Path:
         raise DataError("the `table` dataset needs an explicit path (the folder holding the table or the table file)")
 
     def load(self, path: Path) -> Catalogue:
+        if not self._named:
+            self.info = replace(self.info, name=source_name(path))
         file = path if path.is_file() else path / self.table_name
         if not file.is_file():
             raise DataError(f"{file}: metadata table not found (set `table:` to its file name)")

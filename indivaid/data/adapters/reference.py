@@ -9,9 +9,10 @@ becomes the encounter, so near-duplicate frames never straddle query and gallery
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
-from indivaid.data.adapters.base import DATASETS, DatasetAdapter, DatasetInfo, find_images
+from indivaid.data.adapters.base import DATASETS, DatasetAdapter, DatasetInfo, find_images, source_name
 from indivaid.data.catalogue import Catalogue, DataError, list_paths
 
 _NAME_INT = re.compile(r"^(?P<pid>\d+)_c?(?P<cam>\d+)(?:s\d+)?_(?P<rest>.+)$")
@@ -21,12 +22,16 @@ _NAME_STR = re.compile(r"^(?P<pid>\d+)_(?P<cam>[^_]+)_(?P<rest>.+)$")
 class ReferenceLayout(DatasetAdapter):
     """Adapter for ``{train,query,gallery}/<pid>_<camid>_<n>.jpg`` folders."""
 
-    def __init__(self, info: DatasetInfo, *, camera_strings: bool = False, gallery_is_query: bool = False) -> None:
+    def __init__(self, info: DatasetInfo, *, camera_strings: bool = False, gallery_is_query: bool = False,
+                 named_after_path: bool = False) -> None:
         self.info = info
+        self.named_after_path = named_after_path  # user data without a name: named after its folder
         self.pattern = _NAME_STR if camera_strings else _NAME_INT
         self.gallery_is_query = gallery_is_query
 
     def load(self, path: Path) -> Catalogue:
+        if self.named_after_path:
+            self.info = replace(self.info, name=source_name(path))
         splits = ("train", "query") if self.gallery_is_query else ("train", "query", "gallery")
         missing = [s for s in splits if not (path / s).is_dir()]
         if missing:
@@ -87,11 +92,14 @@ _paper("Stoat", "stoat", "Wu et al., An individual identity-driven framework for
        "not public", ((56, 183), (5, 13)), camera_strings=True, gallery_is_query=True, protocol="leave_one_out")
 
 
-def _reference(*, name: str = "custom", species: str = "animal", protocol: str = "none",
+def _reference(*, name: str | None = None, species: str = "animal", protocol: str = "none",
                camera_strings: bool = False, video: bool = False, leave_one_out: bool = False) -> ReferenceLayout:
-    """Any dataset in the reference layout (the user names its species and protocol)."""
-    info = DatasetInfo(name, species, default_protocol="leave_one_out" if leave_one_out else protocol, video=video)
-    return ReferenceLayout(info, camera_strings=camera_strings, gallery_is_query=leave_one_out)
+    """Any dataset in the reference layout (the user names its species and protocol; its name is
+    its folder's unless given)."""
+    info = DatasetInfo(name or "custom", species, default_protocol="leave_one_out" if leave_one_out else protocol,
+                       video=video)
+    return ReferenceLayout(info, camera_strings=camera_strings, gallery_is_query=leave_one_out,
+                           named_after_path=name is None)
 
 
 DATASETS.register("reference", _reference)
