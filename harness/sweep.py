@@ -671,7 +671,7 @@ def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: b
                 atomic_write_text(chosen, json.dumps(best, indent=2, default=str))
         log.info("%s: %d trial(s)%s", exp.name, n, f", best config {params}" if params else "")
         grid = run_experiment(sweep, exp, n, params, resume, max_concurrent)
-        if not experiment_complete(grid, n if exp.phase == "final" or search_space(sweep, exp.method) else 1):
+        if not experiment_complete(grid, n):
             raise SweepInterrupted(f"{exp.name} was interrupted with {len(grid)} of its trials started")
         prune_checkpoints(sweep, exp)
         (exp_dir / FINISHED).touch()  # every trial ended: completed, stopped by ASHA, failed or timed out

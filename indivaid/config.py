@@ -153,9 +153,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain, YAML-serialisable form of a config (paths as strings, tuples as lists)."""
+    """Plain, YAML-serialisable form of a config (paths as strings, tuples as lists).
+
+    A field with ``metadata={"omit_default": True}`` is left out while it holds its default, so
+    that adding an option later keeps the hashes of configs that do not use it (split files,
+    finished runs, caches)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not _omitted(obj, f)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, Mapping):
@@ -163,6 +167,10 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _omitted(obj: Any, f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("omit_default")) and f.default is not dataclasses.MISSING and getattr(obj, f.name) == f.default
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The checkpoint (``model.pt`` in a run's workdir) holds the image encoder and head weights, the
 resolved config, the identity and camera lists and the feature options: nothing else is needed
-to embed new photos. Text is not used at test time.
+to embed new photos. Text is not used at test time. An open-set run also stores the decision
+threshold calibrated on validation (:class:`indivaid.eval.openset.Calibration`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 from indivaid.config import from_dict
 from indivaid.data.augment import normalize
 from indivaid.data.imagecache import ImageSpec, load_image
+from indivaid.eval.openset import Calibration
 from indivaid.models.backbone import build_clip
 from indivaid.models.encoders import ImageEncoder
 from indivaid.models.head import ReIDHead, inference_feature
@@ -39,10 +41,19 @@ class InferenceModel:
     part_norm: bool
     metric: str
     device: torch.device
+    calibration: Calibration | None = None
 
     @property
     def spec(self) -> ImageSpec:
         return ImageSpec(*self.cfg.model.input_size, self.cfg.data.resize)
+
+    @property
+    def fingerprint(self) -> str:
+        """Which model made an embedding (config and split): galleries from another model are refused."""
+        from indivaid.config import to_dict
+        from indivaid.utils.io import stable_hash
+
+        return stable_hash({"config": to_dict(self.cfg), "split": self.split_hash})
 
     @torch.no_grad()
     def embed_uint8(self, images: Tensor, cameras: Tensor | None = None) -> Tensor:
@@ -53,10 +64,13 @@ class InferenceModel:
             f = self.image(x, cameras.to(self.device) if cameras is not None else None)
         return inference_feature(f, self.head, after_bn=self.after_bn, part_norm=self.part_norm)
 
-    def embed_files(self, paths: Sequence[str | Path], batch: int = 64) -> Tensor:
+    def embed_files(self, paths: Sequence[str | Path], batch: int = 64,
+                    bboxes: Sequence[Sequence[float | None]] | None = None) -> Tensor:
+        """fp32 features of image files (cropped to ``bboxes``, (x, y, w, h) or Nones, when given)."""
+        boxes = bboxes if bboxes is not None else [(None,) * 4] * len(paths)
         out = []
         for s in range(0, len(paths), batch):
-            arr = np.stack([load_image(str(p), (None,) * 4, self.spec) for p in paths[s : s + batch]])
+            arr = np.stack([load_image(str(p), b, self.spec) for p, b in zip(paths[s : s + batch], boxes[s : s + batch])])
             out.append(self.embed_uint8(torch.from_numpy(arr)).cpu())
         return torch.cat(out) if out else torch.zeros(0, 1)
 
@@ -77,5 +91,56 @@ def load_inference(path: str | Path, device: str | torch.device = "cpu") -> Infe
     if head is not None:
         head.to(device).eval()
     feat = json.loads(obj["feature"])
+    calibration = Calibration.from_dict(json.loads(obj["openset"])) if obj.get("openset") else None
     return InferenceModel(cfg, image, head, list(obj["identities"]), list(obj["cameras"]), obj["species"],
-                          obj["split_hash"], feat["after_bn"], feat["part_norm"], feat["metric"], device)
+                          obj["split_hash"], feat["after_bn"], feat["part_norm"], feat["metric"], device, calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching: individuals, not images
+
+
+@dataclass(frozen=True)
+class IdentityRanking:
+    """Per query, the gallery's individuals ranked by their nearest image (ties: identity order).
+
+    ``(Q, k)`` tensors: ``codes`` index ``identities``; ``best`` and ``mean`` are the nearest and
+    the mean distance to the individual's images; ``best_image`` is the gallery row of the nearest."""
+
+    identities: list[str]
+    codes: Tensor
+    best: Tensor
+    mean: Tensor
+    best_image: Tensor
+    images: Tensor  # (I,) gallery images per individual
+
+
+def rank_identities(dist: Tensor, gallery_identity: Sequence[str], k: int) -> IdentityRanking:
+    """One row per individual instead of per image: a ``(Q, G)`` distance matrix reduced per identity."""
+    identities = sorted(set(gallery_identity))
+    vocab = {s: i for i, s in enumerate(identities)}
+    codes = torch.tensor([vocab[s] for s in gallery_identity], dtype=torch.long)
+    q, g, n = dist.shape[0], dist.shape[1], len(identities)
+    d = dist.to(torch.float64).cpu()
+    idx = codes.expand(q, g)
+    best = torch.full((q, n), float("inf"), dtype=torch.float64).scatter_reduce_(1, idx, d, "amin")
+    images = torch.bincount(codes, minlength=n)
+    mean = torch.zeros((q, n), dtype=torch.float64).index_add_(1, codes, d) / images.to(torch.float64)
+    at_best = torch.where(d == best.gather(1, idx), torch.arange(g).expand(q, g), g)
+    best_image = torch.full((q, n), g, dtype=torch.long).scatter_reduce_(1, idx, at_best, "amin")
+    order = torch.sort(best, dim=1, stable=True).indices[:, : min(k, n)]
+    return IdentityRanking(identities, order, best.gather(1, order), mean.gather(1, order),
+                           best_image.gather(1, order), images)
+
+
+def decide(top1_distance: Tensor, threshold: float, probability: tuple[float, float] | None) -> tuple[Tensor, Tensor | None]:
+    """(known, confidence) per query: known when the nearest individual is within ``threshold``
+    (the rule the threshold was calibrated with); the confidence of that decision from the
+    calibrated P(same individual), when the model has one."""
+    from indivaid.eval.openset import same_probability
+
+    known = top1_distance <= threshold
+    if probability is None:
+        return known, None
+    p = same_probability(top1_distance, probability)
+    return known, torch.where(known, p, 1 - p)

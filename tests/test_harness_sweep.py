@@ -172,3 +172,20 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, data_root: Path
     # the restarted process's first report continues after the checkpoint: not stage 1, epoch 1 again
     assert retried and (retried[0]["stage"], retried[0]["epoch"]) != (1, 1), retried[0]
     assert int(retried[-1]["s2_epoch"]) == 12
+
+
+@pytest.mark.timeout(600)
+def test_preflight_runs_each_dataset_method_once_for_a_few_steps(ray_local, data_root: Path, tmp_path: Path):
+    from harness.rehearsal import preflight, preflight_rows, preflight_sweep
+
+    sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["indivaid", "zeroshot"]))
+    report = preflight(sweep, steps=2)
+    psweep = preflight_sweep(sweep, 2)
+    t = pl.read_parquet(psweep.storage_path / "trials.parquet")
+    assert sorted(t["method"]) == ["indivaid", "zeroshot"] and (t["status"] == "completed").all()  # once each
+    assert (t.filter(pl.col("method") == "indivaid")["steps_per_epoch"] == 2).all()  # a few steps per stage
+    rows = {r["method"]: r for r in preflight_rows(psweep, t)}
+    assert rows["indivaid"]["first_report_s"] > 0 and rows["indivaid"]["images_per_s"] > 0
+    assert rows["indivaid"]["max_mem_gb"] is None  # no accelerator here
+    text = report.read_text()
+    assert "| synthetic | indivaid | completed |" in text and "peak GPU memory" in text

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 #: Columns of every catalogue, in order. ``path`` is absolute; ``encounter`` groups images that
 #: must stay on one side of a query/gallery split (a video, a visit); ``given_split`` is set for
-#: datasets shipped pre-split (train/query/gallery) and null otherwise.
-COLUMNS: dict[str, type[pl.DataType]] = {
+#: datasets shipped pre-split (train/query/gallery) and null otherwise; ``date`` is when the photo
+#: was taken, where known (a table's ``date`` column, EXIF when a folder asks for it).
+COLUMNS: dict[str, type[pl.DataType] | pl.DataType] = {
     "image_id": pl.String,
     "path": pl.String,
     "identity": pl.String,
@@ -35,7 +37,11 @@ COLUMNS: dict[str, type[pl.DataType]] = {
     "bbox_y": pl.Float64,
     "bbox_w": pl.Float64,
     "bbox_h": pl.Float64,
+    "date": pl.Datetime("us"),
 }
+#: Left out of :meth:`Catalogue.sha256`: dates were added after the first split files were
+#: written, and only a time-aware split depends on them (it records them in its rows).
+UNHASHED_COLUMNS = ("date",)
 GIVEN_SPLITS = ("train", "query", "gallery")
 MAX_LISTED = 10  # how many offending paths an error message names
 
@@ -64,6 +70,7 @@ class Sample:
     image_id: str | None = None
     given_split: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    date: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,8 @@ class Catalogue:
         Hashing metadata keeps it fast for 100k images and stable across machines where the data
         lives under different roots.
         """
-        rel = self.table.with_columns(pl.col("path").map_elements(self._relative, return_dtype=pl.String))
+        rel = self.table.drop(UNHASHED_COLUMNS).with_columns(
+            pl.col("path").map_elements(self._relative, return_dtype=pl.String))
         text = rel.sort("image_id").write_csv()
         return sha256_bytes(f"{self.name}\n{self.species}\n{text}".encode())
 
@@ -133,6 +141,7 @@ def _sample_row(s: Sample) -> dict:
         "bbox_y": y,
         "bbox_w": w,
         "bbox_h": h,
+        "date": s.date,
     }
 
 

@@ -4,6 +4,11 @@ Every image gets one of :data:`SPLITS`. Validation identities are held out of tr
 for model selection; test identities are only for final scores. An encounter (video, visit) never
 straddles query and gallery. The split file is a CSV with ``# key: value`` header lines; its hash
 (:attr:`Split.hash`) goes into every cache key and result row downstream.
+
+Open-set splits (``unknown_fraction``) hold out some validation and test identities as unknown:
+all their images are queries and none is in the gallery, so the right answer for them is "a new
+individual". Time-aware splits (``time_aware``) put each identity's latest encounters in the query
+part where dates exist, as a catalogue grows: photos of a burst or video never face each other.
 """
 
 from __future__ import annotations
@@ -34,13 +39,20 @@ Stage = Literal["val", "test"]
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How to split a catalogue. Fractions are of identities; ``query_fraction`` of encounters."""
+    """How to split a catalogue. Fractions are of identities; ``query_fraction`` of encounters.
+
+    ``unknown_fraction``: of the validation and of the test identities, held out as unknown (query
+    images only). ``time_aware``: an identity whose encounters all have dates puts its latest ones
+    in the query part. Both are left out of the recorded config while off, so existing split
+    files keep their hash."""
 
     seed: int = 0
     val_fraction: float = field(default=0.15, metadata={"ge": 0.0, "lt": 1.0})
     test_fraction: float = field(default=0.2, metadata={"ge": 0.0, "lt": 1.0})
     query_fraction: float = field(default=0.5, metadata={"gt": 0.0, "lt": 1.0})
     protocol: str | None = None  # None: the dataset's default
+    unknown_fraction: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "omit_default": True})
+    time_aware: bool = field(default=False, metadata={"omit_default": True})
 
     def __post_init__(self) -> None:
         if self.protocol is not None and self.protocol not in PROTOCOLS:
@@ -95,6 +107,18 @@ class Split:
 
     def train_identities(self) -> list[str]:
         return sorted(self.part("train")["identity"].unique().to_list())
+
+    @property
+    def open_set(self) -> bool:
+        """Whether unknown identities were held out (recorded in the header)."""
+        return any(int(self.header.get(f"unknown_{s}", 0)) > 0 for s in ("val", "test"))
+
+    def unknown_identities(self, stage: Stage) -> list[str]:
+        """Query identities with no gallery image in this stage (leave-one-out: single-image ones)."""
+        q, g = self.query_gallery(stage)
+        if self.leave_one_out:
+            return sorted(q.group_by("identity").len().filter(pl.col("len") < 2)["identity"].to_list())
+        return sorted(set(q["identity"].unique().to_list()) - set(g["identity"].unique().to_list()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,9 +176,52 @@ def _assign_query_gallery(rows: pl.DataFrame, rng: np.random.Generator, cfg: Spl
     return best
 
 
+def _assign_by_time(rows: pl.DataFrame, cfg: SplitConfig, names: tuple[str, str]) -> dict[str, str] | None:
+    """The latest encounters of one identity as its queries (None when some encounter has no date).
+
+    An encounter's date is its earliest photo's; ties go by encounter name, so the result is fixed."""
+    if rows["date"].null_count():
+        return None
+    when = rows.group_by("_group").agg(pl.col("date").min()).sort("date", "_group")
+    groups = when["_group"].to_list()
+    n_q = int(np.clip(round(cfg.query_fraction * len(groups)), 1, len(groups) - 1))
+    query = set(groups[len(groups) - n_q:])
+    return {im: names[0] if g in query else names[1] for im, g in zip(rows["image_id"].to_list(), rows["_group"].to_list())}
+
+
+def _hold_out_unknown(table: pl.DataFrame, idents: list[str], cfg: SplitConfig, stage: Stage, query: str,
+                      name: str) -> dict[str, str]:
+    """Pick ``unknown_fraction`` of ``idents`` (at least one, never all) and make all their images queries.
+
+    A separate random stream picks them, so the known identities keep exactly the query/gallery
+    assignment of the closed-set split with the same seed."""
+    if len(idents) < 2:
+        raise DataError(f"{name}: {len(idents)} {stage} identities cannot be split into known and unknown ones; "
+                        f"raise {'val' if stage == 'val' else 'test'}_fraction or set unknown_fraction: 0")
+    n = int(np.clip(round(cfg.unknown_fraction * len(idents)), 1, len(idents) - 1))
+    rng = np.random.default_rng([cfg.seed, 1 if stage == "val" else 2])
+    ordered = sorted(idents)
+    chosen = [ordered[i] for i in rng.permutation(len(ordered))[:n]]
+    images = table.filter(pl.col("identity").is_in(chosen))["image_id"].to_list()
+    return dict.fromkeys(images, query)
+
+
+def _refuse_leave_one_out(cfg: SplitConfig, protocol: str, name: str) -> None:
+    if protocol != "leave_one_out":
+        return
+    if cfg.unknown_fraction > 0:
+        raise DataError(f"{name}: unknown_fraction needs a gallery apart from the queries, and protocol "
+                        "'leave_one_out' has none (query set = gallery set; there an identity is unknown only when it "
+                        "has a single image). Set unknown_fraction: 0, or use protocol 'none' for an open-set split")
+    if cfg.time_aware:
+        raise DataError(f"{name}: time_aware orders queries after gallery images, and protocol 'leave_one_out' has no "
+                        "separate gallery; set time_aware: false or use protocol 'none'")
+
+
 def build_split(cat: Catalogue, cfg: SplitConfig = SplitConfig()) -> Split:
     """Split ``cat``; pre-split catalogues keep their test set and carve validation out of train."""
     protocol = cfg.protocol or cat.default_protocol
+    _refuse_leave_one_out(cfg, protocol, cat.name)
     table = _groups(cat.table)
     rng = np.random.default_rng(cfg.seed)
     pre_split = table["given_split"].is_not_null().any()
@@ -184,10 +251,27 @@ def build_split(cat: Catalogue, cfg: SplitConfig = SplitConfig()) -> Split:
     if n_val and not val_ids:
         raise DataError(f"{cat.name}: no training identity can be held out for validation under protocol {protocol!r} "
                         "(each needs two encounters, or two cameras for market1501)")
+    timed = {"val": 0, "test": 0}
     for ident, names in [(i, ("val_query", "val_gallery")) for i in val_ids] + [(i, ("query", "gallery")) for i in test_ids]:
         rows = table.filter(pl.col("identity") == ident)
-        assign.update(_assign_query_gallery(rows, rng, cfg, protocol, names))
+        by_time = _assign_by_time(rows, cfg, names) if cfg.time_aware else None
+        timed["val" if names[0] == "val_query" else "test"] += by_time is not None
+        assign.update(by_time if by_time is not None else _assign_query_gallery(rows, rng, cfg, protocol, names))
+    unknown = {"val": 0, "test": 0}
+    if cfg.unknown_fraction > 0:
+        if pre_split:  # the given test set: its identities with query or gallery images
+            test_ids = sorted(table.filter(pl.col("given_split") != "train")["identity"].unique().to_list())
+        for stage, idents, query in (("val", val_ids, "val_query"), ("test", test_ids, "query")):
+            held = _hold_out_unknown(table, idents, cfg, stage, query, cat.name)  # type: ignore[arg-type]
+            assign.update(held)
+            unknown[stage] = table.filter(pl.col("image_id").is_in(list(held)))["identity"].n_unique()
+        log.info("%s: %d validation and %d test identities held out as unknown", cat.name, unknown["val"], unknown["test"])
+    if cfg.time_aware:
+        log.info("%s: %d validation and %d test identities have dated encounters; their latest are queries",
+                 cat.name, timed["val"], timed["test"])
     out = cat.table.with_columns(pl.col("image_id").replace_strict(assign).alias("split")).drop("given_split")
+    if not cfg.time_aware:
+        out = out.drop("date")  # recorded only where it decided the split (file and hash unchanged otherwise)
     if protocol == "leave_one_out" and pre_split:
         out = out.filter(pl.col("split") != "gallery")
     header = {
@@ -201,6 +285,10 @@ def build_split(cat: Catalogue, cfg: SplitConfig = SplitConfig()) -> Split:
         "catalogue_sha256": cat.sha256(),
         "config": json.dumps(to_dict(cfg), sort_keys=True),
     }
+    if cfg.unknown_fraction > 0:
+        header.update(unknown_val=str(unknown["val"]), unknown_test=str(unknown["test"]))
+    if cfg.time_aware:
+        header.update(time_ordered_val=str(timed["val"]), time_ordered_test=str(timed["test"]))
     split = Split(out.sort("split", "identity", "image_id"), header, cat.root)
     check_split(split, built=True)
     return split
@@ -233,12 +321,20 @@ def check_split(split: Split, *, built: bool = False) -> None:
 
 
 def _check_query_gallery(split: Split, stage: str, q: pl.DataFrame, g: pl.DataFrame, built: bool) -> None:
+    n_unknown = 0
     if not split.leave_one_out:
         orphans = q.filter(~pl.col("identity").is_in(g["identity"].unique().to_list()))
-        if orphans.height:
+        expected = int(split.header.get(f"unknown_{stage}", 0))
+        found = orphans["identity"].n_unique()
+        if found and not expected:
             raise DataError(f"{split.dataset} {stage}: {orphans.height} query images have no image of their identity "
                             f"in the gallery:{list_paths(orphans['path'].to_list())}\nMove some of each identity's "
                             "images to the gallery, or drop these queries.")
+        if found != expected:
+            raise DataError(f"{split.dataset} {stage}: {found} identities have no gallery image but the split header "
+                            f"records unknown_{stage}: {expected}; the file was edited: rebuild the split")
+        n_unknown = orphans.height
+        q = q.filter(pl.col("identity").is_in(g["identity"].unique().to_list()))  # the known queries
         qg = set(_groups(q)["_group"].to_list()) & set(_groups(g)["_group"].to_list())
         if qg:
             msg = f"{split.dataset} {stage}: {len(qg)} encounters straddle query and gallery: {sorted(qg)[:5]}"
@@ -260,6 +356,9 @@ def _check_query_gallery(split: Split, stage: str, q: pl.DataFrame, g: pl.DataFr
     if n_valid < q.height:
         log.warning("%s %s: %d of %d queries have no true match under %r and will be skipped",
                     split.dataset, stage, q.height - n_valid, q.height, split.protocol)
+    if n_unknown:
+        log.info("%s %s: %d queries of unknown identities (open set); ranking metrics skip them",
+                 split.dataset, stage, n_unknown)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +372,10 @@ def _serialise(split: Split, *, with_root: bool) -> str:
     header = dict(split.header)
     if with_root:
         header["root"] = str(split.root)
+    dated = ["date"] if "date" in split.table.columns else []  # time-aware splits record their dates
     rel = split.table.with_columns(
         pl.col("path").map_elements(lambda p: _relative(p, split.root), return_dtype=pl.String)
-    ).select(FILE_COLUMNS)
+    ).select(FILE_COLUMNS + dated)
     lines = "".join(f"# {k}: {v}\n" for k, v in header.items())
     return lines + rel.write_csv()
 
@@ -316,6 +416,8 @@ def read_split(path: str | Path, root: str | Path | None = None, *, check: bool 
     header.pop("root", None)
     schema = {c: (COLUMNS.get(c, pl.String)) for c in FILE_COLUMNS}
     df = pl.read_csv(io.StringIO("".join(body)), schema_overrides=schema)
+    if "date" in df.columns:
+        df = df.with_columns(pl.col("date").cast(pl.String).str.to_datetime(time_unit="us", strict=False))
     bad = sorted(set(df["split"].unique().to_list()) - set(SPLITS))
     if bad:
         raise DataError(f"{path}: unknown split values {bad}; allowed {SPLITS}")

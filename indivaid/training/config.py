@@ -102,6 +102,9 @@ class EvalConfig:
     part_norm: bool = False
     metric: Literal["euclidean", "cosine"] = "euclidean"
     batch_size: int = field(default=256, metadata={"ge": 1})
+    # open-set runs: None calibrates the threshold that maximises sqrt(BAKS * BAUS) on validation; a
+    # value picks the largest threshold whose new-individual recall (BAUS) reaches it
+    target_new_recall: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0, "omit_default": True})
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from indivaid.data.imagecache import PREPROCESS_VERSION, ImageCache, ImageSpec, 
 from indivaid.data.sampler import PKSampler
 from indivaid.data.split import Split
 from indivaid.eval.metrics import RankMetrics
+from indivaid.eval.openset import Calibration
 from indivaid.eval.retrieval import score_retrieval
 from indivaid.losses import batch_hard_triplet, cross_entropy_ls, similarity, supcon_two_way
 from indivaid.methods import METHODS, MethodSpec
@@ -40,6 +41,7 @@ from indivaid.models.fusion import pad_descriptions
 from indivaid.models.head import inference_feature
 from indivaid.training import checkpoint as ckpt
 from indivaid.training.config import Stage2Config, TrainConfig
+from indivaid.training.openset import calibrate_run
 from indivaid.training.runtime import Runtime, resolve_runtime, seed_everything
 from indivaid.training.schedule import cosine_with_warmup, milestone_epochs, warmup_multistep
 from indivaid.training.system import ReIDSystem
@@ -599,7 +601,7 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None, finish: Calla
 # ---------------------------------------------------------------------------------------------
 
 
-def save_inference_checkpoint(run: Run) -> Path:
+def save_inference_checkpoint(run: Run, openset: Calibration | None = None) -> Path:
     s = run.system
     obj = {"format": ckpt.INFERENCE_FORMAT, "config": json.dumps(to_dict(run.cfg)), "identities": run.identities,
            "cameras": list(run.sie_codes), "species": run.split.species, "split_hash": run.split.hash,
@@ -607,6 +609,8 @@ def save_inference_checkpoint(run: Run) -> Path:
            "head": s.head.state_dict() if s.head is not None else {},
            "feature": json.dumps({"after_bn": run.cfg.eval.after_bn, "part_norm": run.cfg.eval.part_norm,
                                   "metric": run.cfg.eval.metric})}
+    if openset is not None:  # the open-set decision calibrated on validation (indivaid.eval.openset)
+        obj["openset"] = json.dumps(openset.to_dict())
     path = run.workdir / "model.pt"
     ckpt.save(obj, path)
     return path
@@ -653,11 +657,18 @@ def train(cfg: TrainConfig, *, workdir: str | Path, report: Report | None = None
         if evaluate_test and run.rt.is_main:
             test = plain(run.evaluate("test")) if run.method.train else \
                 plain(score_features(zs_feats, run.split, "test", run.row_index, cfg))
-        model_path = save_inference_checkpoint(run) if run.rt.is_main else workdir / "model.pt"
+        openset = calibrate_run(run, None if run.method.train else zs_feats, test=evaluate_test) \
+            if run.rt.is_main else None
+        model_path = save_inference_checkpoint(run, openset and openset.calibration) if run.rt.is_main \
+            else workdir / "model.pt"
+        val = run.val_metrics if run.method.train else zs
+        if openset is not None:
+            val = {**val, **openset.val}
+            test = {**test, **openset.test} if test is not None and openset.test is not None else test
         s1 = sum(1 for h in run.history if h["stage"] == 1)
         s2 = sum(1 for h in run.history if h["stage"] == 2)
         result = RunResult(str(workdir), cfg.method, run.split.dataset, run.split.hash, cfg.runtime.seed,
-                           run.val_metrics if run.method.train else zs, test, zs_val, s1, s2,
+                           val, test, zs_val, s1, s2,
                            time.perf_counter() - t_start, run.images_per_s, str(model_path), list(run.history),
                            run.config_hash())
         if run.rt.is_main:

@@ -1,0 +1,96 @@
+"""Open-set calibration at the end of a run: the decision threshold chosen on validation.
+
+Runs on an open-set split only (``data.split.unknown_fraction > 0``): its validation identities
+include unknown ones, and none of them was trained on, so the threshold is chosen the way it will
+be used, on individuals the model has never seen. The threshold goes into ``model.pt`` with its
+validation curve; the test split is scored at it, and at the best threshold chosen on test itself
+(``GM_oracle``, which says how well the calibration transfers; never used to pick anything).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import polars as pl
+import torch
+from torch import Tensor
+
+from indivaid.eval.distance import distance_matrix
+from indivaid.eval.openset import Calibration, TopMatch, calibrate, open_set_metrics, threshold_curve, top_match
+from indivaid.eval.retrieval import label_codes
+
+if TYPE_CHECKING:
+    from indivaid.data.split import Split
+    from indivaid.training.config import TrainConfig
+    from indivaid.training.trainer import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenSetResult:
+    calibration: Calibration
+    val: dict[str, float]
+    test: dict[str, float] | None
+
+
+def split_top_match(feats: Tensor, split: Split, stage: str, index: dict[str, int], cfg: TrainConfig) -> TopMatch:
+    """Top-1 matches of a stage's queries, with the distance evaluation uses (so thresholds transfer)."""
+    q, g = split.query_gallery(stage)  # type: ignore[arg-type]
+    qi = torch.tensor([index[i] for i in q["image_id"].to_list()], device=feats.device)
+    gi = torch.tensor([index[i] for i in g["image_id"].to_list()], device=feats.device)
+    dist = distance_matrix(feats[qi], feats[gi], cfg.eval.metric, normalize=True)  # type: ignore[arg-type]
+    qid, gid = label_codes(q["identity"].to_list(), g["identity"].to_list())
+    codes = split.camera_codes()
+    qc = torch.tensor([codes[c] for c in q["camera"].to_list()])
+    gc = torch.tensor([codes[c] for c in g["camera"].to_list()])
+    dev = dist.device
+    return top_match(dist, qid.to(dev), gid.to(dev), qc.to(dev), gc.to(dev), protocol=split.protocol)
+
+
+def _run_features(run: Run, stage: str) -> tuple[Tensor, dict[str, int]]:
+    """The current encoder's inference features of a stage's images (as ``Run.evaluate`` computes them)."""
+    from indivaid.training.trainer import ImageSource, image_features
+
+    q, g = run.split.query_gallery(stage)  # type: ignore[arg-type]
+    need = pl.concat([q, g]).unique("image_id", maintain_order=True)
+    src = ImageSource(run.images, run.images.rows(need["image_id"].to_list()), run.rt.device, 0)
+    ev = run.cfg.eval
+    feats = image_features(run.system, src, need.height, run.rt, ev.batch_size, run._sie_codes(need),
+                           after_bn=ev.after_bn, part_norm=ev.part_norm, aug=run.cfg.augment)
+    return feats, {im: i for i, im in enumerate(need["image_id"].to_list())}
+
+
+def calibrate_run(run: Run, frozen: Tensor | None = None, *, test: bool = True) -> OpenSetResult | None:
+    """Calibrate on validation and score test at the threshold (None on a closed-set split).
+
+    ``frozen``: features of every split image in table order (the zero-shot method's), instead of
+    the run's current encoder."""
+    split, cfg = run.split, run.cfg
+    if not split.open_set:
+        log.info("closed-set split: no open-set threshold (set data.split.unknown_fraction > 0 to calibrate one)")
+        return None
+    q, g = split.query_gallery("val")
+    seen = sorted(set(run.identities) & set(pl.concat([q, g])["identity"].to_list()))
+    if seen:
+        log.warning("open-set calibration skipped: %d validation identities were trained on (e.g. %s); keep "
+                    "validation identities out of training for open-set runs", len(seen), seen[:3])
+        return None
+
+    def top(stage: str) -> TopMatch:
+        feats, index = (frozen, run.row_index) if frozen is not None else _run_features(run, stage)
+        return split_top_match(feats, split, stage, index, cfg)
+
+    cal = calibrate(top("val"), target_new_recall=cfg.eval.target_new_recall)
+    log.info("open-set threshold %.4f (%s): validation BAKS %.3f, BAUS %.3f, GM %.3f", cal.threshold, cal.rule,
+             cal.val.BAKS, cal.val.BAUS, cal.val.GM)
+    test_scores = None
+    if test:
+        t = top("test")
+        curve = threshold_curve(t)
+        best = int(torch.argmax(torch.nan_to_num(curve.GM, nan=-1.0)))
+        test_scores = {**open_set_metrics(t, cal.threshold).as_dict(), "GM_oracle": float(curve.GM[best]),
+                       "threshold_oracle": float(curve.thresholds[best])}
+    return OpenSetResult(cal, cal.val.as_dict(), test_scores)
