@@ -105,7 +105,8 @@ def _asha_problems(sweep: SweepConfig, d: str, cfg: TrainConfig, where: str) -> 
     return out
 
 
-def _resource_problems(sweep: SweepConfig, d: str, cluster_gpus: float | None) -> list[Problem]:
+def _resource_problems(sweep: SweepConfig, d: str, cluster_gpus: float | None,
+                       cluster_cpus: float | None) -> list[Problem]:
     res = sweep.resources_for(d)
     key = f"dataset_resources.{d}" if d in sweep.dataset_resources else "resources"
     out = []
@@ -116,16 +117,20 @@ def _resource_problems(sweep: SweepConfig, d: str, cluster_gpus: float | None) -
     if cluster_gpus is not None and need > cluster_gpus:
         out.append(Problem(d, key, f"one trial needs {need:g} GPUs, the cluster has {cluster_gpus:g}: it could never "
                            "start; lower workers/gpus or add GPU nodes"))
+    cpus = res.cpus * max(1, res.workers) + (0.01 if res.workers > 1 else 0)  # + the Train run's driving trial
+    if cluster_cpus is not None and cpus > cluster_cpus:
+        out.append(Problem(d, key, f"one trial needs {cpus:g} CPUs, the cluster has {cluster_cpus:g}: it could never "
+                           "start; lower cpus/workers"))
     return out
 
 
-def check_sweep(sweep: SweepConfig, *, cluster_gpus: float | None = None,
+def check_sweep(sweep: SweepConfig, *, cluster_gpus: float | None = None, cluster_cpus: float | None = None,
                 counts: dict[str, ImageCounts | None] | None = None) -> list[Problem]:
     """Every problem of the sweep's plan (empty when it can run as written)."""
     problems: list[Problem] = []
     trained = [m for m in sweep.methods if METHODS.get(m).train]
     for d in sweep.datasets:
-        problems += _resource_problems(sweep, d, cluster_gpus)
+        problems += _resource_problems(sweep, d, cluster_gpus, cluster_cpus)
         if not trained:
             continue
         try:

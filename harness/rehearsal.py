@@ -29,7 +29,7 @@ import polars as pl
 
 from harness.checks import asha_rungs, gpus_per_trial
 from harness.config import SweepConfig, trial_config
-from indivaid.config import to_dict
+from indivaid.config import ConfigError
 from indivaid.data.adapters import make_adapter
 from indivaid.methods import METHODS
 from indivaid.training.config import merge
@@ -68,7 +68,7 @@ def _camera_field(adapter: Any, camera: str, encounter: str, identity: int) -> s
     if adapter.info.video:
         return str(identity * 100 + int(encounter.rsplit("_e", 1)[1]))  # videos are unique per animal
     number = camera.removeprefix("cam")
-    return f"cam{number}" if adapter.pattern.pattern.startswith("^(?P<pid>\\d+)_(?P<cam>[^_]+)") else number
+    return f"cam{number}" if adapter.camera_strings else number
 
 
 def generate_reference_dataset(name: str, root: Path, train_images: int, test_images: tuple[int, int]) -> Path:
@@ -81,7 +81,7 @@ def generate_reference_dataset(name: str, root: Path, train_images: int, test_im
 
     adapter = make_adapter(name)
     info = adapter.info
-    out = root / info.name
+    out = root / f"{info.name}-train{train_images}-test{test_images[0]}x{test_images[1]}" / info.name
     if (out / ".complete").is_file():
         return out
     n_train = info.expected["train"][0]
@@ -124,13 +124,16 @@ def _images_needed(sweep: SweepConfig, dataset: str, red: Reductions) -> int:
     return max(red.images_per_identity, k * max(1, sweep.resources_for(dataset).workers))
 
 
-def prepare_data(sweep: SweepConfig, root: Path, red: Reductions) -> None:
+def prepare_data(sweep: SweepConfig, root: Path, red: Reductions) -> dict[str, Path]:
     """Generate every dataset of the sweep (paper datasets only: they have published counts)."""
+    paths = {}
     for d in sweep.datasets:
         if "train" not in make_adapter(d).info.expected:
-            raise ValueError(f"{d}: a rehearsal generates datasets from their published counts; {d} has none")
-        path = generate_reference_dataset(d, root, _images_needed(sweep, d, red), (2, 3))
-        log.info("rehearsal data for %s: %s", d, path)
+            raise ConfigError(f"datasets: {d} has no published counts to generate a rehearsal dataset from; "
+                              f"rehearse the paper datasets (or leave {d} out with --only)")
+        paths[d] = generate_reference_dataset(d, root, _images_needed(sweep, d, red), (2, 3))
+        log.info("rehearsal data for %s: %s", d, paths[d])
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def prepare_data(sweep: SweepConfig, root: Path, red: Reductions) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def rehearsal_sweep(sweep: SweepConfig, red: Reductions, data_root: Path) -> SweepConfig:
+def rehearsal_sweep(sweep: SweepConfig, red: Reductions, data_root: Path, paths: dict[str, Path]) -> SweepConfig:
     """The sweep as it will run on CPU: the real plan with the substitutions and reductions above.
 
     The checkpoint policy is decided on the real plan first, so the rehearsal writes (and reports)
@@ -155,6 +158,8 @@ def rehearsal_sweep(sweep: SweepConfig, red: Reductions, data_root: Path) -> Swe
     presets = {d: over["preset"] for d, over in real.per_dataset.items() if "preset" in over}
     for d, preset in presets.items():  # the preset's model section is the real backbone: keep the rest
         per_dataset[d] = merge(per_dataset[d], {"model": REHEARSAL_MODEL})
+    for d, path in paths.items():
+        per_dataset[d] = merge(per_dataset.get(d, {}), {"data": {"path": str(path)}, "stage1": stage1_epochs(real, d)})
     storage = str(Path(sweep.storage or f"results/{sweep.name}").parent / f"{sweep.name}-rehearsal") \
         if sweep.storage else f"results/{sweep.name}-rehearsal"
     return dataclasses.replace(
@@ -166,6 +171,23 @@ def rehearsal_sweep(sweep: SweepConfig, red: Reductions, data_root: Path) -> Swe
                                   dataset_seeds={keep5: min(real.final.seeds_for(keep5), red.full_seeds)}
                                   if real.final.seeds else {}),
         checkpoint_policy=dataclasses.replace(real.checkpoint_policy, enabled=False))
+
+
+def stage1_epochs(real: SweepConfig, dataset: str) -> dict[str, int]:
+    """Stage 1 as long, in epochs, as on the real data: ``max(epochs, min_steps / steps per epoch)``
+    with the published image count. The generated data has fewer images per identity, so its own
+    step count would stretch stage 1 to many more (and shorter) epochs than the cluster runs."""
+    from harness.estimate import published_counts
+
+    trained = [m for m in real.methods if METHODS.get(m).train]
+    if not trained:
+        return {}
+    cfg = trial_config(real, dataset, trained[0], {})
+    counts = published_counts(cfg)
+    if counts is None or cfg.stage1.min_steps == 0:
+        return {}
+    steps = max(1, math.ceil(counts.train / (cfg.stage1.batch_p * cfg.stage1.batch_k)))
+    return {"epochs": max(cfg.stage1.epochs, math.ceil(cfg.stage1.min_steps / steps)), "min_steps": 0}
 
 
 def declared_resources(sweep: SweepConfig, red: Reductions) -> dict[str, Any]:
@@ -283,8 +305,7 @@ def rehearse(sweep: SweepConfig, red: Reductions, *, resume: bool = False, only:
                                     dataset_resources={d: v for d, v in sweep.dataset_resources.items() if d in only})
     # generated data has the published identity counts, not image counts: the adapters' mismatch warning is expected
     logging.getLogger("indivaid.data.adapters.base").setLevel(logging.ERROR)
-    prepare_data(sweep, root, red)
-    rsweep = rehearsal_sweep(sweep, red, root)
+    rsweep = rehearsal_sweep(sweep, red, root, prepare_data(sweep, root, red))
     out = run_sweep(rsweep, resume=resume, declare=declared_resources(sweep, red))
     report = render_report(sweep, pl.read_parquet(out), red.gpus, (time.time() - t0) / 60)
     path = rsweep.storage_path / "rehearsal.md"

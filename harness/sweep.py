@@ -504,22 +504,22 @@ class SweepProgress:
             if not info:
                 continue
             key = (info["dataset"], info["method"])
-            c = counts.setdefault(key, {"running": 0, "completed": 0, "stopped": 0, "error": 0, "best": None})
+            c = counts.setdefault(key, {"running": 0, "completed": 0, "stopped": 0, "error": 0, "timeout": 0, "best": None})
             progress = _last_progress(info_file.parent)
             status, _ = trial_status(info_file.parent, (info_file.parent / "run" / "result.json").is_file(), progress)
             c[status] += 1
             v = progress.get("val_mAP")
             if v is not None and v == v:
                 c["best"] = max(c["best"] or 0.0, v)
-        finished = sum(c["completed"] + c["stopped"] + c["error"] for c in counts.values())
+        finished = sum(c["completed"] + c["stopped"] + c["error"] + c["timeout"] for c in counts.values())
         elapsed = time.time() - self.t0
         eta = f"{(self.total - finished) * elapsed / finished / 60:.1f} min" if finished else "…"
         table = Table(title=f"sweep {self.sweep.name}: {finished}/{self.total} trials finished, "
                             f"{elapsed / 60:.1f} min elapsed, ETA {eta}")
-        for col in ("dataset", "method", "running", "done", "stopped (ASHA)", "errors", "best val mAP"):
+        for col in ("dataset", "method", "running", "done", "stopped (ASHA)", "errors", "timed out", "best val mAP"):
             table.add_column(col)
         for (d, m), c in sorted(counts.items()):
-            table.add_row(d, m, str(c["running"]), str(c["completed"]), str(c["stopped"]), str(c["error"]),
+            table.add_row(d, m, str(c["running"]), str(c["completed"]), str(c["stopped"]), str(c["error"]), str(c["timeout"]),
                           f"{100 * c['best']:.1f}" if c["best"] is not None else "—")
         return table
 
@@ -615,8 +615,10 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     init_ray(address, sweep.storage_path, declare)
     at_once = min(sweep.search.max_concurrent_experiments, len({(e.dataset, e.method) for e, _ in todo}))
     budget = GpuBudget(cluster_gpus(), at_once)
-    if any(gpus_per_trial(sweep, d) for d in sweep.datasets):
-        validate(sweep, cluster_gpus=budget.cluster_gpus)  # a trial that could never be placed fails now
+    import ray
+
+    # a trial that could never be placed (its placement group would wait forever) fails now
+    validate(sweep, cluster_gpus=budget.cluster_gpus, cluster_cpus=ray.cluster_resources().get("CPU", 0.0))
     warm_feature_caches(sweep, sorted({exp.dataset for exp, _ in todo}))
     progress = SweepProgress(sweep, sum(n for _, n in todo))
     chains: dict[tuple[str, str], list[tuple[Experiment, int]]] = {}
@@ -818,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--gpus", type=int, default=red.gpus, help="rehearsal: logical GPUs to declare")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Ctrl-C stops the sweep here (KeyboardInterrupt: results written, exit 130, --resume continues) instead
+    # of Tune's handler, which returns from Tuner.fit as if the search had ended
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
         sweep = load_sweep(args.file)
         if args.dry_run:

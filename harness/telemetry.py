@@ -34,7 +34,7 @@ from harness.config import SweepConfig, trial_config
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("running", "completed", "stopped", "error")
+STATUSES = ("running", "completed", "stopped", "error", "timeout")
 SWEEP_TAGS = ("sweep", "dataset", "method")
 TRIAL_TAGS = ("sweep", "dataset", "method", "phase", "trial_id", "worker")
 DEFAULT_INTERVAL_S = 10.0  # Ray's default metrics report interval: publishing faster shows nothing new

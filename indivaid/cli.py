@@ -54,7 +54,8 @@ def cmd_train(argv: list[str]) -> None:
 def cmd_evaluate(argv: list[str]) -> None:
     from indivaid.data import build_split, open_dataset, read_split
     from indivaid.data.imagecache import build_image_cache
-    from indivaid.eval.retrieval import score_retrieval
+    from indivaid.eval.openset import open_set_metrics
+    from indivaid.eval.retrieval import match_retrieval, score_retrieval
     from indivaid.inference import load_inference
     from indivaid.training.trainer import cache_root
 
@@ -81,10 +82,15 @@ def cmd_evaluate(argv: list[str]) -> None:
     def feats(df: pl.DataFrame) -> torch.Tensor:
         rows = cache.rows(df["image_id"].to_list())
         return torch.cat([model.embed_uint8(cache[rows[s : s + 128]]).cpu() for s in range(0, len(rows), 128)])
-    m = score_retrieval(feats(q), feats(g), q, g, protocol=split.protocol, camera_codes=split.camera_codes(),
-                        metric=model.metric)
+    qf, gf = feats(q), feats(g)
+    m = score_retrieval(qf, gf, q, g, protocol=split.protocol, camera_codes=split.camera_codes(), metric=model.metric)
+    scores = m.as_dict()
+    if model.calibration is not None and split.open_set:  # open-set scores at the calibrated threshold
+        top = match_retrieval(qf, gf, q, g, protocol=split.protocol, camera_codes=split.camera_codes(),
+                              metric=model.metric)
+        scores.update(open_set_metrics(top, model.calibration.threshold).as_dict())
     console.print_json(json.dumps({"dataset": split.dataset, "split": args.split, "split_hash": split.hash,
-                                   "protocol": split.protocol, **m.as_dict()}))
+                                   "protocol": split.protocol, **scores}))
 
 
 def _identity_of(path: Path, root: Path) -> str | None:

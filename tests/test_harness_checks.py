@@ -66,6 +66,9 @@ def test_a_trial_wider_than_the_cluster_is_refused():
     assert problems == ["polarbear: dataset_resources.polarbear: one trial needs 4 GPUs, the cluster has 2: it could "
                         "never start; lower workers/gpus or add GPU nodes"]
     assert check_sweep(sweep, cluster_gpus=4) == []
+    assert [str(p) for p in check_sweep(sweep, cluster_gpus=4, cluster_cpus=16)] == [
+        "polarbear: dataset_resources.polarbear: one trial needs 32.01 CPUs, the cluster has 16: it could never start; "
+        "lower cpus/workers"]
 
 
 def test_asha_rungs_and_the_gpu_budget():
@@ -111,7 +114,7 @@ def test_rehearsal_data_has_the_published_identities_in_the_real_layout(name: st
 
     info = make_adapter(name).info
     path = generate_reference_dataset(name, tmp_path, train_images=16, test_images=(2, 3))
-    assert path == tmp_path / info.name
+    assert path.name == info.name  # under a folder named after the generation settings
     cat = open_dataset(name, path)  # the dataset's own adapter and file-name format
     found = {part: cat.table.filter(cat.table["given_split"] == part)["identity"].n_unique() for part in info.expected}
     assert found == {part: n for part, (n, _) in info.expected.items()}
@@ -127,21 +130,24 @@ def test_rehearsal_data_has_the_published_identities_in_the_real_layout(name: st
 
 
 def test_rehearsal_keeps_the_plan_and_substitutes_data_model_and_reductions(tmp_path: Path):
+    from harness.estimate import published_counts
     from harness.rehearsal import REHEARSAL_MODEL, Reductions, declared_resources, rehearsal_sweep
 
     real = load_sweep(ROOT / "sweeps" / "full.yaml")
     red = Reductions(steps_per_epoch=3, num_samples=2, seeds=1, gpus=8)
-    reh = rehearsal_sweep(real, red, tmp_path / "data")
+    reh = rehearsal_sweep(real, red, tmp_path / "data", {d: tmp_path / "data" / d for d in real.datasets})
     assert reh.rehearsal and reh.name == "full-rehearsal" and reh.storage_path.name == "full-rehearsal"
     assert (reh.search.num_samples, reh.search.max_concurrent, reh.scheduler) == (2, real.search.max_concurrent, real.scheduler)
     assert reh.final.seeds_for("atrw") == 5 and reh.final.seeds_for("lion") == 1  # one dataset keeps the paired test
     assert reh.resources_for("polarbear") == real.resources_for("polarbear")  # 4 DDP workers, GPUs declared
     for d in real.datasets:
         r, c = trial_config(real, d, "indivaid", {}), trial_config(reh, d, "indivaid", {})
-        assert (c.stage1.epochs, c.stage1.min_steps, c.stage1.batch_p, c.stage2) == \
-               (r.stage1.epochs, r.stage1.min_steps, r.stage1.batch_p, r.stage2)  # schedules and P x K as the file has them
+        assert (c.stage1.batch_p, c.stage1.lr, c.stage2) == (r.stage1.batch_p, r.stage1.lr, r.stage2)  # as the file has them
+        # stage 1 runs the epochs the real data gives it: max(epochs, min_steps / steps per epoch)
+        steps = -(-published_counts(r).train // (r.stage1.batch_p * r.stage1.batch_k))
+        assert (c.stage1.epochs, c.stage1.min_steps) == (max(r.stage1.epochs, -(-r.stage1.min_steps // steps)), 0)
         assert (c.eval, c.checkpoint.every) == (r.eval, 0)  # the policy's decision for the real backbone
         assert c.model.backbone == REHEARSAL_MODEL["backbone"] and c.model.pretrained is None
-        assert (c.runtime.device, c.runtime.max_steps_per_epoch, c.data.data_root) == ("cpu", 3, str(tmp_path / "data"))
+        assert (c.runtime.device, c.runtime.max_steps_per_epoch, c.data.path) == ("cpu", 3, str(tmp_path / "data" / d))
     declared = declared_resources(real, red)
     assert declared["num_gpus"] == 8 and declared["num_cpus"] >= 8 * 8

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -49,6 +50,30 @@ def sweep_file(tmp_path: Path, data_root: Path, **extra) -> Path:
     return f
 
 
+def assert_asha_rule(storage: Path, method: str, rungs: tuple[int, ...], t: pl.DataFrame) -> None:
+    """Sequential trials, reduction factor 2: ASHA stops a trial at a rung exactly when its score
+    there is below the median of the earlier trials' scores at that rung. Checked from the
+    validation mAP each trial reported, in start order."""
+    trials = []
+    for info in storage.glob(f"search-synthetic-{method}/*/trial.json"):
+        rows = [json.loads(line) for line in (info.parent / "result.json").read_text().splitlines()]
+        at = {int(r["s2_epoch"]): r["val_mAP"] for r in rows if r["stage"] == 2}
+        trials.append((json.loads(info.read_text())["started"], json.loads(info.read_text())["trial_id"], at))
+    recorded: dict[int, list[float]] = {r: [] for r in rungs}
+    stopped = dict(zip(t["trial_id"], t["stop_reason"] == "asha_stopped"))
+    for _, trial_id, at in sorted(trials):
+        cut = None
+        for r in rungs:
+            if r not in at:
+                break
+            earlier = list(recorded[r])
+            recorded[r].append(at[r])
+            if earlier and at[r] < float(np.percentile(earlier, 50)):
+                cut = r
+                break
+        assert stopped[trial_id] == (cut is not None and cut < max(rungs)), (method, trial_id, at, recorded)
+
+
 @pytest.mark.timeout(600)
 def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     # the three dataset x method chains run concurrently, each Tuner driven from its own Ray task
@@ -60,7 +85,9 @@ def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     assert search.filter(pl.col("method") == "indivaid").height == 3
     assert search.filter(pl.col("method") == "clipreid").height == 3
     assert set(search["stop_reason"]) <= {"completed", "asha_stopped"}
-    assert (search["stop_reason"] == "completed").sum() >= 2 and (search["stop_reason"] == "asha_stopped").sum() >= 1
+    assert (search["stop_reason"] == "completed").sum() >= 2
+    for m in ("indivaid", "clipreid"):
+        assert_asha_rule(sweep.storage_path, m, rungs=(1, 2, 4), t=search.filter(pl.col("method") == m))
     assert search.filter(pl.col("method") == "clipreid")["param.fusion.heads"].is_null().all()  # dropped for it
     final = t.filter(pl.col("phase") == "final")
     assert sorted(final.filter(pl.col("method") == "indivaid")["seed"].to_list()) == [0, 1]
@@ -83,7 +110,7 @@ def test_torchtrainer_path_runs_ddp_workers_and_releases_resources(ray_local, da
     import ray
     from ray.util.placement_group import placement_group_table
 
-    f = sweep_file(tmp_path, data_root, methods=["clipreid"], resources={"cpus": 1, "workers": 2},  # DDP over gloo
+    f = sweep_file(tmp_path, data_root, methods=["clipreid"], resources={"cpus": 0.5, "workers": 2},  # DDP over gloo
                    search={"num_samples": 2, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
     out = run_sweep(load_sweep(f))
     t = pl.read_parquet(out)
@@ -111,12 +138,12 @@ def test_torchtrainer_path_runs_ddp_workers_and_releases_resources(ray_local, da
 @pytest.mark.timeout(600)
 def test_failing_trial_is_a_row_with_its_reason_and_the_rest_finish(ray_local, data_root: Path, tmp_path: Path):
     f = sweep_file(tmp_path, data_root, methods=["clipreid", "zeroshot"], max_failures=1,
-                   search_space={"stage1.lr": {"kind": "choice", "values": [1e30]}, "model.similarity": {"kind": "choice", "values": ["dot"]}},
+                   search_space={"stage2.lr": {"kind": "choice", "values": [1e30]}, "model.similarity": {"kind": "choice", "values": ["dot"]}},
                    search={"num_samples": 1, "max_concurrent": 1, "startup_trials": 1}, final={"seeds": 0})
     t = pl.read_parquet(run_sweep(load_sweep(f)))
     bad = t.filter(pl.col("method") == "clipreid").row(0, named=True)
     assert bad["status"] == "error" and bad["stop_reason"] == "error"
-    assert "TrainingError: stage 1, epoch 1: loss term" in bad["error"]
+    assert "TrainingError: stage 2, epoch 1: loss term" in bad["error"]
     good = t.filter(pl.col("method") == "zeroshot").row(0, named=True)
     assert good["status"] == "completed" and good["val_mAP"] > 0
 
@@ -189,3 +216,18 @@ def test_preflight_runs_each_dataset_method_once_for_a_few_steps(ray_local, data
     assert rows["indivaid"]["max_mem_gb"] is None  # no accelerator here
     text = report.read_text()
     assert "| synthetic | indivaid | completed |" in text and "peak GPU memory" in text
+
+
+@pytest.mark.timeout(600)
+def test_a_trial_past_its_time_limit_is_stopped_and_recorded_as_timeout(ray_local, data_root: Path, tmp_path: Path):
+    base = {"preset": "tiny", "model": {"input_size": [32, 64]}, "stage1": {"epochs": 1, "min_steps": 0, "batch_p": 8},
+            "stage2": {"epochs": 200, "warmup_epochs": 1, "batch_p": 8}, "runtime": {"threads": 1}}
+    f = sweep_file(tmp_path, data_root, methods=["clipreid"], base=base, search={"num_samples": 1, "startup_trials": 1},
+                   scheduler={"kind": "none"}, final={"seeds": 0}, max_failures=1, trial_timeout_minutes=0.25)
+    started = time.time()
+    t = pl.read_parquet(run_sweep(load_sweep(f)))
+    assert t.height == 1 and t["status"][0] == "timeout" and t["stop_reason"][0] == "timeout"
+    assert "trial_timeout_minutes" in t["error"][0]  # the restart failed at once, naming the limit
+    assert t["attempts"][0] == 1 and time.time() - started < 240  # the 200-epoch run was cut short
+    trial_dir = next((tmp_path / "results").glob("search-*/*/timeout.json")).parent
+    assert not (trial_dir / "run" / "result.json").exists()

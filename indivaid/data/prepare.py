@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.15)
     ap.add_argument("--test-fraction", type=float, default=0.2)
     ap.add_argument("--protocol", choices=["market1501", "none", "leave_one_out"])
+    ap.add_argument("--unknown-fraction", type=float, default=0.0,
+                    help="open set: hold out this fraction of validation and test identities as unknown")
+    ap.add_argument("--time-aware", action="store_true", help="dated identities: latest encounters are the queries")
     ap.add_argument("--skip-bad", action="store_true", help="drop unreadable images (logged and counted)")
     ap.add_argument("--no-layout", action="store_true", help="only write the split file, next to the data")
     ap.add_argument("--list", action="store_true", help="list registered datasets")
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ap.error("name a dataset or --wildlife CLASS")
         cat = validate_catalogue(cat, skip_bad=args.skip_bad)
-        cfg = SplitConfig(args.seed, args.val_fraction, args.test_fraction, protocol=args.protocol)
+        cfg = SplitConfig(args.seed, args.val_fraction, args.test_fraction, protocol=args.protocol,
+                          unknown_fraction=args.unknown_fraction, time_aware=args.time_aware)
         if args.no_layout:
             split = build_split(cat, cfg)
             print(write_split(split, cat.root / f"split-seed{cfg.seed}.csv"))

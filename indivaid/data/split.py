@@ -59,6 +59,9 @@ class SplitConfig:
             raise ValueError(f"protocol {self.protocol!r} is not one of {PROTOCOLS}{did_you_mean(self.protocol, PROTOCOLS)}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must leave identities for training")
+        if not 0.0 <= self.unknown_fraction < 1.0:
+            raise ValueError(f"unknown_fraction must be in [0, 1) (a fraction of the validation and test identities), "
+                             f"got {self.unknown_fraction}")
 
 
 @dataclass(frozen=True)

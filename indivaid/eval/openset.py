@@ -220,7 +220,7 @@ def threshold_curve(top: TopMatch) -> ThresholdCurve:
     acc_u = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(
         torch.zeros(m, dtype=torch.float64).index_add_(0, inv, seen_u), 0)])
     baks = acc_hit if bool(known.any()) else torch.full_like(acc_hit, NAN)
-    baus = (wu.sum() - acc_u) if bool(unknown.any()) else torch.full_like(acc_u, NAN)
+    baus = (wu.sum() - acc_u).clamp(min=0.0) if bool(unknown.any()) else torch.full_like(acc_u, NAN)  # no -1e-17
     return ThresholdCurve(thresholds, baks, baus, torch.sqrt(baks * baus))
 
 
@@ -238,7 +238,8 @@ def choose_threshold(curve: ThresholdCurve, *, target_new_recall: float | None =
             raise ValueError(f"target_new_recall must be in [0, 1], got {target_new_recall}")
         ok = torch.nonzero(curve.BAUS >= target_new_recall - 1e-12).squeeze(1)
         return int(ok[-1]) if ok.numel() else 0
-    best = torch.nonzero(curve.GM >= curve.GM.max() - 1e-12).squeeze(1)
+    gm = torch.nan_to_num(curve.GM, nan=-1.0)
+    best = torch.nonzero(gm >= gm.max() - 1e-12).squeeze(1)
     return int(best[best.numel() // 2])
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .distance import distance_matrix
 from .metrics import RankMetrics, rank_metrics
+from .openset import TopMatch, top_match
 
 
 def label_codes(*columns: Sequence[str]) -> list[Tensor]:
@@ -39,3 +40,27 @@ def score_retrieval(
         gc = torch.tensor([camera_codes[c] for c in gallery_rows["camera"].to_list()])
     dev = dist.device
     return rank_metrics(dist, qi.to(dev), gi.to(dev), qc.to(dev), gc.to(dev), protocol=protocol)
+
+
+def match_retrieval(
+    query: Tensor,
+    gallery: Tensor,
+    query_rows: pl.DataFrame,
+    gallery_rows: pl.DataFrame,
+    *,
+    protocol: str,
+    camera_codes: Mapping[str, int] | None = None,
+    metric: str = "euclidean",
+    normalize: bool = True,
+) -> TopMatch:
+    """Each query's top-1 gallery match under the protocol (for the open-set metrics), with the
+    same distance as :func:`score_retrieval`, so thresholds carry over between them."""
+    dist = distance_matrix(query, gallery, metric, normalize=normalize)  # type: ignore[arg-type]
+    qi, gi = label_codes(query_rows["identity"].to_list(), gallery_rows["identity"].to_list())
+    if camera_codes is None:
+        qc, gc = label_codes(query_rows["camera"].to_list(), gallery_rows["camera"].to_list())
+    else:
+        qc = torch.tensor([camera_codes[c] for c in query_rows["camera"].to_list()])
+        gc = torch.tensor([camera_codes[c] for c in gallery_rows["camera"].to_list()])
+    dev = dist.device
+    return top_match(dist, qi.to(dev), gi.to(dev), qc.to(dev), gc.to(dev), protocol=protocol)

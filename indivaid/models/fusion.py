@@ -110,9 +110,10 @@ class AttentionFusion(FusionModule):
                              f"use a divisor of {dim}")
 
     def forward(self, desc: Tensor, mask: Tensor) -> Tensor:
+        desc = desc.float()
         mean = masked_mean(desc, mask)
         with torch.autocast(desc.device.type, enabled=False):
-            out, _ = self.attn(mean.unsqueeze(1), desc.float(), desc.float(), key_padding_mask=~mask, need_weights=False)
+            out, _ = self.attn(mean.unsqueeze(1), desc, desc, key_padding_mask=~mask, need_weights=False)
         return mean + out.squeeze(1)
 
 

@@ -17,9 +17,8 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from indivaid.eval.distance import distance_matrix
-from indivaid.eval.openset import Calibration, TopMatch, calibrate, open_set_metrics, threshold_curve, top_match
-from indivaid.eval.retrieval import label_codes
+from indivaid.eval.openset import Calibration, TopMatch, calibrate, open_set_metrics, threshold_curve
+from indivaid.eval.retrieval import match_retrieval
 
 if TYPE_CHECKING:
     from indivaid.data.split import Split
@@ -41,13 +40,8 @@ def split_top_match(feats: Tensor, split: Split, stage: str, index: dict[str, in
     q, g = split.query_gallery(stage)  # type: ignore[arg-type]
     qi = torch.tensor([index[i] for i in q["image_id"].to_list()], device=feats.device)
     gi = torch.tensor([index[i] for i in g["image_id"].to_list()], device=feats.device)
-    dist = distance_matrix(feats[qi], feats[gi], cfg.eval.metric, normalize=True)  # type: ignore[arg-type]
-    qid, gid = label_codes(q["identity"].to_list(), g["identity"].to_list())
-    codes = split.camera_codes()
-    qc = torch.tensor([codes[c] for c in q["camera"].to_list()])
-    gc = torch.tensor([codes[c] for c in g["camera"].to_list()])
-    dev = dist.device
-    return top_match(dist, qid.to(dev), gid.to(dev), qc.to(dev), gc.to(dev), protocol=split.protocol)
+    return match_retrieval(feats[qi], feats[gi], q, g, protocol=split.protocol, camera_codes=split.camera_codes(),
+                           metric=cfg.eval.metric, normalize=True)
 
 
 def _run_features(run: Run, stage: str) -> tuple[Tensor, dict[str, int]]:

@@ -26,6 +26,7 @@ class ReferenceLayout(DatasetAdapter):
                  named_after_path: bool = False) -> None:
         self.info = info
         self.named_after_path = named_after_path  # user data without a name: named after its folder
+        self.camera_strings = camera_strings  # the camid field is a camera name (MPDD, Stoat), not a number
         self.pattern = _NAME_STR if camera_strings else _NAME_INT
         self.gallery_is_query = gallery_is_query
 
