@@ -1,6 +1,6 @@
 """GPU-hour estimates for ``--dry-run``: dataset sizes x epochs / measured throughput.
 
-The rates are measured on one H200 with bf16 autocast for ViT-B/16 at 256x128 (method.md §8 and
+The rates are measured on one H200 with bf16 autocast for ViT-B/16 at 256x128 (docs/method.md §8 and
 BENCHMARKS.md); other input sizes scale with the number of patch tokens. They are a planning aid,
 an upper bound for searches (ASHA usually stops many trials early), not a promise.
 """
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # images (or prompts) per second on one H200, bf16, ViT-B/16 at 256x128 (128 patch tokens)
 STAGE2_TRAIN_IMG_S = 1988.0  # stage 2 end to end at batch 64 (BENCHMARKS.md)
-INFERENCE_IMG_S = 10043.0  # image tower inference at batch 256 (method.md §8)
-STAGE1_PROMPTS_S = 3052.0  # text tower fwd+bwd, 77-token prompts at batch 64 (method.md §8)
+INFERENCE_IMG_S = 10043.0  # image tower inference at batch 256 (docs/method.md §8)
+STAGE1_PROMPTS_S = 3052.0  # text tower fwd+bwd, 77-token prompts at batch 64 (docs/method.md §8)
 REFERENCE_TOKENS = (256 // 16) * (128 // 16)
 RATED_BACKBONES = {"ViT-B-16": 16, "ViT-B-32": 32}  # backbone -> its native patch size
 

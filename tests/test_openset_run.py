@@ -34,6 +34,7 @@ def open_runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     runs = {}
     for method in ("zeroshot", "clipreid"):
         cfg = resolve({"preset": "tiny", "method": method, "stage2": {"epochs": 120},
+                       "runtime": {"deterministic": True, "threads": 2},
                        "data": {"data_root": str(data_root), "cache_dir": str(work / "cache"), "options": OPEN_DATA,
                                 "split": OPEN_SPLIT}})
         runs[method] = train(cfg, workdir=work / method)
