@@ -87,10 +87,10 @@ def test_scanner_counts_trials_by_status_from_storage(tmp_path: Path, data_root:
             (trial / "run" / "result.json").write_text("{}")
     scanner = SweepScanner(sweep)
     counts = scanner.scan()[("synthetic", "clipreid")]
-    assert counts.statuses == {"running": 1, "completed": 1, "stopped": 0, "error": 0} and counts.best == 0.5
+    assert counts.statuses == {"running": 1, "completed": 1, "stopped": 0, "error": 0, "timeout": 0} and counts.best == 0.5
     (exp / ".harness-finished").touch()  # the experiment ended: the unfinished trial was stopped by ASHA
     counts = scanner.scan()[("synthetic", "clipreid")]
-    assert counts.statuses == {"running": 0, "completed": 1, "stopped": 1, "error": 0}
+    assert counts.statuses == {"running": 0, "completed": 1, "stopped": 1, "error": 0, "timeout": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_sweep_metrics_reach_prometheus(watched_sweep: WatchedSweep):
     targets = json.loads(get(f"{prom}/api/v1/targets")[1])["data"]["activeTargets"]
     assert targets and all(x["scrapeUrl"].startswith("http://127.0.0.1:") for x in targets), targets
     sel = f'sweep="{SWEEP_NAME}",dataset="synthetic",method="clipreid"'
-    want = {status: int((t["status"] == status).sum()) for status in ("running", "completed", "stopped", "error")}
+    want = {status: int((t["status"] == status).sum()) for status in ("running", "completed", "stopped", "error", "timeout")}
     assert sum(want.values()) == t.height == 2 and want["completed"] >= 1
 
     def counts(result: list[dict]) -> dict[str, int]:

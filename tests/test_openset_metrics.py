@@ -194,6 +194,9 @@ def test_calibration_round_trips_through_json_and_probability_recovers_a_known_m
     top = TopMatch(d, torch.where(right, ids, -5), torch.zeros(n, dtype=torch.long), ids, torch.rand(n, generator=g) < 0.7)
     a, b = fit_same_probability(TopMatch(d, top.identity, top.index, ids, torch.ones(n, dtype=torch.bool)))
     assert a == pytest.approx(3.0, abs=0.25) and b == pytest.approx(-6.0, abs=0.5)
+    flipped = TopMatch(d, torch.where(~right, ids, -5), top.index, ids, torch.ones(n, dtype=torch.bool))
+    a, b = fit_same_probability(flipped)  # farther looks more likely right: no evidence, so the base rate
+    assert b == 0.0 and torch.sigmoid(torch.tensor(a)) == pytest.approx(float((~right).double().mean()))
     cal = calibrate(top)
     back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
     assert back.threshold == cal.threshold and back.val == cal.val and back.probability == cal.probability

@@ -249,8 +249,10 @@ def choose_threshold(curve: ThresholdCurve, *, target_new_recall: float | None =
 
 def fit_same_probability(top: TopMatch, *, ridge: float = 1e-3, steps: int = 50) -> tuple[float, float] | None:
     """Platt scaling: ``(a, b)`` with P(top-1 is the query's individual | d) = sigmoid(a + b·d),
-    fitted by Newton's method with a small ridge (separable data would diverge). None when the
-    queries are all right or all wrong, or fewer than two have a finite distance."""
+    fitted by Newton's method with a small ridge (separable data would diverge). A farther match is
+    never more likely the same individual: a fitted ``b > 0`` (no evidence that distance helps)
+    becomes the constant base rate (``b = 0``). None when the queries are all right or all wrong,
+    or fewer than two have a finite distance."""
     finite = torch.isfinite(top.distance)
     x, y = top.distance[finite], top.correct[finite].to(torch.float64)
     if x.numel() < 2 or bool((y == y[0]).all()):
@@ -268,6 +270,9 @@ def fit_same_probability(top: TopMatch, *, ridge: float = 1e-3, steps: int = 50)
         if float(step.abs().max()) < 1e-10:
             break
     a, b = float(theta[0]), float(theta[1])
+    if b > 0:
+        rate = float(y.mean())
+        return math.log(rate / (1 - rate)), 0.0
     return a - b * mu / sd, b / sd
 
 
