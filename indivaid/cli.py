@@ -205,8 +205,9 @@ def load_gallery(path: str | Path, model) -> tuple[pl.DataFrame, torch.Tensor]:
     gal = pl.read_parquet(file)
     if "embedding" not in gal.columns or "identity" not in gal.columns:
         raise DataError(f"--gallery {file}: not an embedding file (needs identity and embedding columns)")
-    emb = torch.from_numpy(np.asarray(gal["embedding"].to_list(), dtype=np.float32))
-    return gal.drop("embedding"), emb
+    col = gal["embedding"]
+    vectors = col.to_numpy() if isinstance(col.dtype, pl.Array) else np.asarray(col.to_list())  # older files: lists
+    return gal.drop("embedding"), torch.from_numpy(np.array(vectors, dtype=np.float32))  # a writable copy
 
 
 def _restrict(gal: pl.DataFrame, emb: torch.Tensor, where: dict[str, str]) -> tuple[pl.DataFrame, torch.Tensor]:
@@ -349,14 +350,19 @@ def retrieval_grid(table: pl.DataFrame, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    photos = table["photo"].unique(maintain_order=True).to_list()
+    groups = table.partition_by("photo", maintain_order=True)
+    images = [[_photo(g["photo"][0])] + [_photo(p) for p in g["best_image"]] for g in groups]
     k = int(table["rank"].max())
     cell = 1.9
-    fig, axes = plt.subplots(len(photos), 1 + k, figsize=(cell * (1 + k), (cell + 0.4) * len(photos)), squeeze=False)
-    for i, (photo, rows) in enumerate(zip(photos, table.partition_by("photo", maintain_order=True))):
+    # each row as tall as its tallest photo at the cell width (the photos keep their aspect)
+    ratios = [min(2.0, max(0.3, max(im.shape[0] / im.shape[1] for im in row))) for row in images]
+    fig, axes = plt.subplots(len(groups), 1 + k, figsize=(cell * (1 + k), sum(cell * r + 0.45 for r in ratios)),
+                             squeeze=False, gridspec_kw={"height_ratios": [cell * r + 0.45 for r in ratios]})
+    for i, (rows, row_images) in enumerate(zip(groups, images)):
         first = rows.row(0, named=True)
+        photo = first["photo"]
         ax = axes[i][0]
-        ax.imshow(_photo(photo))
+        ax.imshow(row_images[0])
         verdict = first["decision"]
         label = {"KNOWN": f"KNOWN {first['identity_decided']}", "NEW": "NEW"}.get(verdict or "", "")
         if first["confidence"] is not None and label:
@@ -369,7 +375,7 @@ def retrieval_grid(table: pl.DataFrame, out: Path) -> None:
         qid = first["photo_identity"]
         for j, r in enumerate(rows.iter_rows(named=True), 1):
             ax = axes[i][j]
-            ax.imshow(_photo(r["best_image"]))
+            ax.imshow(row_images[j])
             hit = qid is not None and r["identity"] == qid
             ax.set_title(f"{r['identity']}\n{r['best_distance']:.3f}", fontsize=7, color="green" if hit else "black")
             for s in ax.spines.values():

@@ -17,7 +17,7 @@ from indivaid.__main__ import main
 from indivaid.data import read_split
 from indivaid.training import resolve, train
 
-pytestmark = pytest.mark.timeout(420)  # the module's fixture trains once (about a minute on 2 cores)
+pytestmark = pytest.mark.timeout(600)  # the module's fixture trains once (about a minute; more on busy cores)
 
 #: 160 synthetic animals: 40 test identities and 24 validation ones, 20 % of each unknown
 OPEN_DATA = {"identities": 160, "min_images": 8, "max_images": 12, "seed": 11}
@@ -34,7 +34,7 @@ def open_runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     runs = {}
     for method in ("zeroshot", "clipreid"):
         cfg = resolve({"preset": "tiny", "method": method, "stage2": {"epochs": 100}, "eval": {"every": 25},
-                       "runtime": {"deterministic": True, "threads": 2},
+                       "runtime": {"deterministic": True, "threads": 1},  # one thread: no spinning when cores are shared
                        "data": {"data_root": str(data_root), "cache_dir": str(work / "cache"), "options": OPEN_DATA,
                                 "split": OPEN_SPLIT}})
         runs[method] = train(cfg, workdir=work / method)
