@@ -19,6 +19,19 @@ def label_codes(*columns: Sequence[str]) -> list[Tensor]:
     return [torch.tensor([vocab[v] for v in col], dtype=torch.long) for col in columns]
 
 
+def _coded(query: Tensor, gallery: Tensor, query_rows: pl.DataFrame, gallery_rows: pl.DataFrame,
+           camera_codes: Mapping[str, int] | None, metric: str, normalize: bool) -> tuple[Tensor, list[Tensor]]:
+    """The distance matrix and (query id, gallery id, query camera, gallery camera) codes on its device."""
+    dist = distance_matrix(query, gallery, metric, normalize=normalize)  # type: ignore[arg-type]
+    qi, gi = label_codes(query_rows["identity"].to_list(), gallery_rows["identity"].to_list())
+    if camera_codes is None:
+        qc, gc = label_codes(query_rows["camera"].to_list(), gallery_rows["camera"].to_list())
+    else:
+        qc = torch.tensor([camera_codes[c] for c in query_rows["camera"].to_list()])
+        gc = torch.tensor([camera_codes[c] for c in gallery_rows["camera"].to_list()])
+    return dist, [t.to(dist.device) for t in (qi, gi, qc, gc)]
+
+
 def score_retrieval(
     query: Tensor,
     gallery: Tensor,
@@ -31,15 +44,8 @@ def score_retrieval(
     normalize: bool = True,
 ) -> RankMetrics:
     """Rank ``gallery`` for every ``query`` feature; the rows give identities and cameras."""
-    dist = distance_matrix(query, gallery, metric, normalize=normalize)  # type: ignore[arg-type]
-    qi, gi = label_codes(query_rows["identity"].to_list(), gallery_rows["identity"].to_list())
-    if camera_codes is None:
-        qc, gc = label_codes(query_rows["camera"].to_list(), gallery_rows["camera"].to_list())
-    else:
-        qc = torch.tensor([camera_codes[c] for c in query_rows["camera"].to_list()])
-        gc = torch.tensor([camera_codes[c] for c in gallery_rows["camera"].to_list()])
-    dev = dist.device
-    return rank_metrics(dist, qi.to(dev), gi.to(dev), qc.to(dev), gc.to(dev), protocol=protocol)
+    dist, codes = _coded(query, gallery, query_rows, gallery_rows, camera_codes, metric, normalize)
+    return rank_metrics(dist, *codes, protocol=protocol)
 
 
 def match_retrieval(
@@ -55,12 +61,5 @@ def match_retrieval(
 ) -> TopMatch:
     """Each query's top-1 gallery match under the protocol (for the open-set metrics), with the
     same distance as :func:`score_retrieval`, so thresholds carry over between them."""
-    dist = distance_matrix(query, gallery, metric, normalize=normalize)  # type: ignore[arg-type]
-    qi, gi = label_codes(query_rows["identity"].to_list(), gallery_rows["identity"].to_list())
-    if camera_codes is None:
-        qc, gc = label_codes(query_rows["camera"].to_list(), gallery_rows["camera"].to_list())
-    else:
-        qc = torch.tensor([camera_codes[c] for c in query_rows["camera"].to_list()])
-        gc = torch.tensor([camera_codes[c] for c in gallery_rows["camera"].to_list()])
-    dev = dist.device
-    return top_match(dist, qi.to(dev), gi.to(dev), qc.to(dev), gc.to(dev), protocol=protocol)
+    dist, codes = _coded(query, gallery, query_rows, gallery_rows, camera_codes, metric, normalize)
+    return top_match(dist, *codes, protocol=protocol)
