@@ -44,19 +44,6 @@ def split_top_match(feats: Tensor, split: Split, stage: str, index: dict[str, in
                            metric=cfg.eval.metric, normalize=True)
 
 
-def _run_features(run: Run, stage: str) -> tuple[Tensor, dict[str, int]]:
-    """The current encoder's inference features of a stage's images (as ``Run.evaluate`` computes them)."""
-    from indivaid.training.trainer import ImageSource, image_features
-
-    q, g = run.split.query_gallery(stage)  # type: ignore[arg-type]
-    need = pl.concat([q, g]).unique("image_id", maintain_order=True)
-    src = ImageSource(run.images, run.images.rows(need["image_id"].to_list()), run.rt.device, 0)
-    ev = run.cfg.eval
-    feats = image_features(run.system, src, need.height, run.rt, ev.batch_size, run._sie_codes(need),
-                           after_bn=ev.after_bn, part_norm=ev.part_norm, aug=run.cfg.augment)
-    return feats, {im: i for i, im in enumerate(need["image_id"].to_list())}
-
-
 def calibrate_run(run: Run, frozen: Tensor | None = None, *, test: bool = True) -> OpenSetResult | None:
     """Calibrate on validation and score test at the threshold (None on a closed-set split).
 
@@ -74,7 +61,7 @@ def calibrate_run(run: Run, frozen: Tensor | None = None, *, test: bool = True) 
         return None
 
     def top(stage: str) -> TopMatch:
-        feats, index = (frozen, run.row_index) if frozen is not None else _run_features(run, stage)
+        feats, index = (frozen, run.row_index) if frozen is not None else run.stage_features(stage)
         return split_top_match(feats, split, stage, index, cfg)
 
     cal = calibrate(top("val"), target_new_recall=cfg.eval.target_new_recall)

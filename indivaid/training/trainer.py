@@ -326,15 +326,20 @@ class Run:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self, stage: str) -> RankMetrics:
-        """Score the current image encoder on the validation or test split (main rank computes)."""
+    def stage_features(self, stage: str) -> tuple[Tensor, dict[str, int]]:
+        """The current encoder's inference features of a stage's query and gallery images, and the
+        row of each image id."""
         q, g = self.split.query_gallery(stage)  # type: ignore[arg-type]
         need = pl.concat([q, g]).unique("image_id", maintain_order=True)
         src = ImageSource(self.images, self.images.rows(need["image_id"].to_list()), self.rt.device, 0)
         ev = self.cfg.eval
         feats = image_features(self.system, src, need.height, self.rt, ev.batch_size, self._sie_codes(need),
                                after_bn=ev.after_bn, part_norm=ev.part_norm, aug=self.cfg.augment)
-        index = {im: i for i, im in enumerate(need["image_id"].to_list())}
+        return feats, {im: i for i, im in enumerate(need["image_id"].to_list())}
+
+    def evaluate(self, stage: str) -> RankMetrics:
+        """Score the current image encoder on the validation or test split (main rank computes)."""
+        feats, index = self.stage_features(stage)
         return score_features(feats, self.split, stage, index, self.cfg)
 
     def broadcast(self, values: dict[str, float]) -> dict[str, float]:
