@@ -30,7 +30,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(data_root: Path
     driver = subprocess.Popen([sys.executable, "-m", "harness.sweep", str(f)], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not any(p.stat().st_size for p in storage.glob("search-synthetic-clipreid/*/result.json")):
+    # the first trial's first checkpoint (the trainer appends it unbuffered; Tune's own result.json is
+    # buffered and can first show up when the trial ends, by which time a fast machine ends the search)
+    while time.time() < deadline and not any(p.stat().st_size for p in storage.glob("search-synthetic-clipreid/*/run/checkpoints.jsonl")):
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
         time.sleep(0.5)
     driver.send_signal(signal.SIGINT)
