@@ -16,7 +16,7 @@ from indivaid.methods import METHODS  # noqa: E402
 from indivaid.training.config import TrainConfig, resolve  # noqa: E402
 from indivaid.training.runtime import Runtime  # noqa: E402
 from indivaid.training.system import ReIDSystem  # noqa: E402
-from indivaid.training.trainer import stage1_losses  # noqa: E402
+from indivaid.training.stage1 import stage1_losses  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -35,14 +35,9 @@ from indivaid.methods import METHODS
 from indivaid.models.fusion import pad_descriptions
 from indivaid.training.runtime import Runtime
 from indivaid.training.system import ReIDSystem
-from indivaid.training.trainer import (
-    ImageSource,
-    Stage2Stepper,
-    _Stage2Net,
-    epoch_batches,
-    stage2_losses,
-    stage2_optimizer,
-)
+from indivaid.training.features import ImageSource
+from indivaid.training.run import epoch_batches
+from indivaid.training.stage2 import Stage2Net, Stage2Stepper, stage2_losses, stage2_optimizer
 
 
 def make_jpegs(root: Path, ids: int, per_id: int) -> None:
@@ -66,8 +61,8 @@ def stage2_rates(cfg, rt: Runtime, cache, rows: np.ndarray, labels: np.ndarray, 
         p.requires_grad_(False)
     desc = pad_descriptions(torch.randn(len(labels), system.image.embed_dim, device=rt.device),
                             torch.from_numpy(labels).to(rt.device), num_ids)
-    net = _Stage2Net(system)
-    opt = stage2_optimizer(system, cfg.stage2, cfg.fusion.lr_factor)
+    net = Stage2Net(system)
+    opt = stage2_optimizer(system, cfg.stage2, cfg.fusion.lr)
     y_all = torch.from_numpy(labels).to(rt.device)
     stepper = Stage2Stepper(system, net, opt, ImageSource(cache, rows, rt.device), y_all, None, desc, cfg.stage2, rt)
     sampler = PKSampler(labels, batch // 4, 4, seed=0)

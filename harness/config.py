@@ -21,8 +21,6 @@ from indivaid.registry import did_you_mean
 from indivaid.training.config import TrainConfig, merge, resolve
 from indivaid.utils.io import data_root as default_data_root
 
-TIMEOUT_FILE = "timeout.json"  # in a trial folder: the trial was stopped for running past trial_timeout_minutes
-
 
 @dataclass(frozen=True)
 class ParamSpec:

@@ -18,14 +18,14 @@ log = logging.getLogger(__name__)
 TOKEN_DOCS = "https://docs.ray.io/en/latest/ray-security/token-auth.html"
 
 
-def token_auth_enabled() -> bool:
-    """Whether this process's Ray uses token authentication (read from Ray, which also
-    considers a token found on disk; ``RAY_AUTH_MODE`` alone where Ray cannot say)."""
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled  # no public API in Ray 2.60
-    except ImportError:
-        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-    return is_token_auth_enabled()
+def token_auth_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process's Ray uses token authentication.
+
+    Ray has no public accessor for its mode; ``RAY_AUTH_MODE`` is where it keeps it: ``ray.init``
+    sets ``RAY_AUTH_MODE=token`` in this process when it turns authentication on (by default for a
+    Ray it starts, or when it finds a token on disk for a cluster it joins), and a user disables it
+    by setting ``RAY_AUTH_MODE=disabled``. Read after ``ray.init``."""
+    return (os.environ if env is None else env).get("RAY_AUTH_MODE", "").strip().lower() == "token"
 
 
 def token_source(env: Mapping[str, str]) -> str:
@@ -50,14 +50,22 @@ def auth_hint(address: str | None, enabled: bool, env: Mapping[str, str]) -> str
 
 
 def dashboard_url() -> str | None:
-    """The connected Ray's dashboard URL (with its scheme), or None when Ray runs without one."""
-    try:
-        from ray._private.worker import get_dashboard_url  # ray.init's return value only has it once
+    """The connected Ray's dashboard URL (with its scheme), or None when Ray runs without one.
 
-        url = get_dashboard_url()
-    except Exception as e:  # not connected, or a Ray without the helper: the sweep runs regardless
-        log.debug("no dashboard URL: %s", e)
-        return None
+    Through public API: ``ray.init`` on a connected process returns the running Ray's context
+    (``ignore_reinit_error``), whose ``dashboard_url`` is the one the first ``ray.init`` returned;
+    ``RAY_OVERRIDE_DASHBOARD_URL`` wins, as in Ray itself."""
+    url = os.environ.get("RAY_OVERRIDE_DASHBOARD_URL")
+    if not url:
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return None
+            url = ray.init(ignore_reinit_error=True).dashboard_url
+        except Exception as e:  # a client connection, say: the sweep runs regardless
+            log.debug("no dashboard URL: %s", e)
+            return None
     if not url:
         return None
     return url if "://" in url else f"http://{url}"

@@ -222,7 +222,7 @@ def peak_gpu_demand(trials: pl.DataFrame, sweep: SweepConfig) -> float:
 def report_rows(real: SweepConfig, trials: pl.DataFrame) -> list[dict[str, Any]]:
     """One row per dataset x method of what the rehearsal found, against the real plan."""
     from harness.estimate import apply_checkpoint_policy, inference_bytes, train_state_bytes
-    from harness.sweep import plan_rows
+    from harness.plan import plan_rows
 
     real = apply_checkpoint_policy(real)  # the checkpoint cadence the cluster sweep gets
 
@@ -293,7 +293,8 @@ def rehearse(sweep: SweepConfig, red: Reductions, *, resume: bool = False, only:
     import time
 
     from harness.checks import validate
-    from harness.sweep import console, run_sweep
+    from harness.orchestrate import run_sweep
+    from harness.ui import console
     from indivaid.utils.io import data_root
 
     validate(sweep)  # the real plan must pass before anything is generated
@@ -337,13 +338,13 @@ def preflight_sweep(sweep: SweepConfig, steps: int) -> SweepConfig:
 
 def preflight_rows(sweep: SweepConfig, trials: pl.DataFrame) -> list[dict[str, Any]]:
     """Per dataset x method: status, time to first report, stage-2 img/s, peak accelerator memory."""
-    from harness.sweep import _all_progress, _json
+    from harness.results import all_progress, read_json
 
     rows = []
     for r in trials.sort("dataset", "method").iter_rows(named=True):
         trial_dir = Path(r["config_path"]).parent.parent
-        progress = _all_progress(trial_dir)
-        started = _json(trial_dir / "trial.json").get("started")
+        progress = all_progress(trial_dir)
+        started = read_json(trial_dir / "trial.json").get("started")
         first = progress[0].get("timestamp") if progress else None
         mem = [p.get("max_mem_gb") for p in progress if p.get("max_mem_gb") == p.get("max_mem_gb")]
         s2 = [p.get("images_per_s") for p in progress if p.get("stage") == 2]
@@ -356,7 +357,8 @@ def preflight_rows(sweep: SweepConfig, trials: pl.DataFrame) -> list[dict[str, A
 
 def preflight(sweep: SweepConfig, steps: int, *, address: str | None = None, resume: bool = False) -> Path:
     """Run the preflight; returns its report file (``<storage>/preflight.md``)."""
-    from harness.sweep import console, run_sweep
+    from harness.orchestrate import run_sweep
+    from harness.ui import console
 
     psweep = preflight_sweep(sweep, steps)
     out = run_sweep(psweep, address=address, resume=resume)

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import SweepConfig, trial_config
+from harness.results import STATUSES, finite, measured_val, trial_status
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("running", "completed", "stopped", "error", "timeout")
 SWEEP_TAGS = ("sweep", "dataset", "method")
 TRIAL_TAGS = ("sweep", "dataset", "method", "phase", "trial_id", "worker")
 DEFAULT_INTERVAL_S = 10.0  # Ray's default metrics report interval: publishing faster shows nothing new
@@ -59,14 +58,6 @@ def _gauges() -> dict[str, Any]:
         "peak_memory": Gauge("indivaid_trial_peak_accelerator_memory_bytes", "Peak accelerator memory allocated by "
                              "the trial's process", tag_keys=TRIAL_TAGS),
     }
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def peak_accelerator_memory() -> int | None:
@@ -98,7 +89,7 @@ class TrialMetrics:
         try:
             gauges = _gauges()
             for key, name in (("stage", "stage"), ("epoch", "epoch"), ("images_per_s", "images_per_s")):
-                value = _finite(row.get(key))
+                value = finite(row.get(key))
                 if value is not None:
                     gauges[name].set(value, tags=self.tags)
             peak = peak_accelerator_memory()
@@ -131,9 +122,7 @@ class TrialState:
     def counts_towards_best(self, row: Mapping[str, Any]) -> bool:
         """Rows that carry a measured validation score: stage 0 (zero-shot), and stage 2 from
         the first validation on (earlier stage-2 rows still carry the zero-shot score)."""
-        stage = int(_finite(row.get("stage")) or 0)
-        s2 = int(_finite(row.get("s2_epoch")) or 0)
-        return stage == 0 or (stage == 2 and (s2 >= self.every or s2 == self.epochs))
+        return measured_val(row, self.every, self.epochs)
 
     def read(self, result_file: Path) -> None:
         """Read the lines Tune appended since the last scan (a half-written last line waits)."""
@@ -156,7 +145,7 @@ class TrialState:
             except json.JSONDecodeError:
                 continue
             self.last = row
-            v = _finite(row.get("val_mAP"))
+            v = finite(row.get("val_mAP"))
             if v is not None and self.counts_towards_best(row):
                 self.best = v if self.best is None else max(self.best, v)
 
@@ -195,8 +184,6 @@ class SweepScanner:
         return state
 
     def scan(self) -> dict[tuple[str, str], GroupCounts]:
-        from harness.sweep import trial_status  # the results files' own rule (harness.sweep imports this module)
-
         groups: dict[tuple[str, str], GroupCounts] = {}
         for info_file in sorted(self.sweep.storage_path.glob("*/*/trial.json")):
             trial_dir = info_file.parent

@@ -1,13 +1,15 @@
 """What runs inside one Ray Tune trial: the indivaid trainer, with Tune's report as its callback.
 
-The trainer keeps its own resumable checkpoint in the trial directory, so a trial that Tune
-restarts after a crash, or that a restored sweep re-launches, continues where it stopped.
+The trainer keeps its own resumable checkpoint in the trial's folder on the sweep's storage, so a
+trial that Tune restarts after a crash, or that a restored sweep re-launches, continues where it
+stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -20,25 +22,30 @@ from ray import tune
 from indivaid.config import from_dict
 from indivaid.training import train
 from indivaid.utils.io import atomic_write_text
-from harness.config import TIMEOUT_FILE, SweepConfig, trial_config
+from harness.config import SweepConfig, trial_config
+from harness.results import REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, TIMEOUT_FILE, finite, measured_val
 from harness.telemetry import TrialMetrics
 
 log = logging.getLogger(__name__)
 
 
-def storage_trial_dir() -> Path:
-    """The trial's folder on the sweep's storage (a shared filesystem on a cluster).
+def storage_trial_dir(experiment_dir: str | Path) -> Path:
+    """The trial's folder on the sweep's storage (a shared filesystem on a cluster): the
+    experiment's folder there, plus the trial's directory name.
 
-    Not ``get_trial_dir()``: that is a staging folder under the Ray session on the driver's node,
-    copied to storage only now and then by the driver, so files written there by a trial on
-    another node would never arrive, and a retried trial could not find its checkpoint.
+    Not ``get_trial_dir()`` itself: that is a staging folder under the Ray session on the node
+    running the trial, copied to storage only now and then by the driver, so files written there on
+    another node would never arrive and a retried trial could not find its checkpoint. Its last
+    part is the trial's directory name, which Tune also gives the trial's folder in storage
+    (``<storage_path>/<experiment name>/<trial dir name>``).
     """
-    from ray.train._internal.session import get_session  # Ray 2.60 exposes no public accessor
-
-    session = get_session()
-    if session is None or getattr(session, "storage", None) is None:
-        raise RuntimeError("run_trial must run inside a Ray Tune trial")
-    path = Path(session.storage.trial_fs_path)
+    try:
+        staging = tune.get_context().get_trial_dir()
+    except Exception as e:  # outside a Tune trial the context has no session
+        raise RuntimeError("run_trial must run inside a Ray Tune trial") from e
+    if not staging:
+        raise RuntimeError("run_trial must run inside a Ray Tune trial (no trial directory)")
+    path = Path(experiment_dir) / Path(staging).name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -71,10 +78,31 @@ def start_watchdog(trial_dir: Path, minutes: float | None, started: float) -> No
     timer.start()
 
 
-def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, method: str, phase: str, seed: int) -> None:
-    """Tune function trainable (``workers: 0``): trains in the trial process and reports every epoch."""
+class ReportProgress:
+    """Adds to each trainer report what the live progress table needs, so that it never reads a
+    trial's files: the best validation mAP measured so far (not the zero-shot score that early
+    reports carry) and whether the trainer has written its results (a trial ASHA stops at its last
+    report has finished). One ``stat`` per report."""
+
+    def __init__(self, workdir: Path, every: int, epochs: int) -> None:
+        self.result_file = workdir / "result.json"
+        self.every, self.epochs = max(1, every), epochs
+        self.best: float | None = None
+
+    def row(self, metrics: dict[str, float]) -> dict[str, float]:
+        v = finite(metrics.get(REPORT_VAL_MAP))
+        if v is not None and measured_val(metrics, self.every, self.epochs):
+            self.best = v if self.best is None else max(self.best, v)
+        return {**metrics, REPORT_BEST_VAL_MAP: math.nan if self.best is None else self.best,
+                REPORT_RUN_FINISHED: float(self.result_file.is_file())}
+
+
+def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, method: str, phase: str, seed: int,
+              experiment_dir: str) -> None:
+    """Tune function trainable (``workers: 0``): trains in the trial process and reports every epoch.
+    ``experiment_dir``: the experiment's folder on the sweep's storage (Tune's storage_path/name)."""
     ctx = tune.get_context()
-    trial_dir = storage_trial_dir()
+    trial_dir = storage_trial_dir(experiment_dir)
     info_file = trial_dir / "trial.json"
     if not info_file.is_file():  # first, so that a trial failing at any later point is still a row
         info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
@@ -90,10 +118,11 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         return
 
     telemetry = TrialMetrics(cfg_sweep.name, dataset, method, phase, ctx.get_trial_id())  # stage, epoch, img/s, memory
+    progress = ReportProgress(trial_dir / "run", cfg.eval.every, cfg.stage2.epochs)
 
     def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
         telemetry.record(metrics)
-        tune.report(dict(metrics))
+        tune.report(progress.row(metrics))
 
     # The trainer writes result.json and model.pt before its last report, so a trial that ASHA stops at
     # its final epoch has finished.
@@ -108,10 +137,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     cfg = resolve(config["train_config"])
     telemetry = TrialMetrics(**config["metric_tags"], worker=ray.train.get_context().get_world_rank())
+    progress = ReportProgress(Path(config["workdir"]), cfg.eval.every, cfg.stage2.epochs)
 
     def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
         telemetry.record(metrics)
-        ray.train.report(dict(metrics))
+        ray.train.report(progress.row(metrics))
 
     train(cfg, workdir=config["workdir"], report=report, evaluate_test=config["evaluate_test"])
 

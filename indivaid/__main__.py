@@ -7,7 +7,7 @@ import sys
 from indivaid.logs import setup_logging
 
 COMMANDS = {"demo": "indivaid.demo", "train": "indivaid.cli", "evaluate": "indivaid.cli", "embed": "indivaid.cli",
-            "match": "indivaid.cli"}
+            "match": "indivaid.cli", "robustness": "indivaid.cli", "export": "indivaid.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     from indivaid.config import ConfigError
     from indivaid.data.catalogue import DataError
     from indivaid.models.backbone import WeightsError
+    from indivaid.export import ExportError
+    from indivaid_field import FieldError
 
     module = importlib.import_module(COMMANDS[argv[0]])
     entry = module.COMMANDS[argv[0]] if hasattr(module, "COMMANDS") else module.main
     try:
         entry(argv[1:])
-    except (DataError, ConfigError, WeightsError) as e:
+    except (DataError, ConfigError, WeightsError, FieldError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

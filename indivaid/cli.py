@@ -1,10 +1,16 @@
-"""Command-line entry points: train, evaluate, embed, match (``python -m indivaid COMMAND``)."""
+"""Command-line entry points: train, evaluate, embed, match, robustness, export (``python -m indivaid COMMAND``).
+
+``embed`` and ``match`` run either the torch checkpoint (``--checkpoint model.pt``) or its ONNX export
+(``--onnx model.onnx``, through :mod:`indivaid_field`); both write and read the same embedding files and
+share one search and decision (:mod:`indivaid_field.matching`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +18,12 @@ import polars as pl
 import torch
 from rich.table import Table
 
-from indivaid.data.adapters.base import find_images
+from indivaid.config import ConfigError
 from indivaid.data.catalogue import DataError
 from indivaid.utils.console import make_console
+from indivaid_field.matching import Gallery, decide, gallery_mask, key_values, match_rows, print_matches
+from indivaid_field.preprocess import find_images, identity_from_folder
+from indivaid_field.store import RESERVED, check_model, read_embeddings, write_embeddings
 
 log = logging.getLogger(__name__)
 console = make_console()  # natural-width tables when written to a file
@@ -52,11 +61,10 @@ def cmd_train(argv: list[str]) -> None:
 
 
 def cmd_evaluate(argv: list[str]) -> None:
-    from indivaid.data import build_split, open_dataset, read_split
     from indivaid.data.imagecache import build_image_cache
     from indivaid.eval.openset import open_set_metrics
     from indivaid.eval.retrieval import match_retrieval, score_retrieval
-    from indivaid.inference import load_inference
+    from indivaid.inference import checkpoint_split, load_inference
     from indivaid.training.trainer import cache_root
 
     ap = argparse.ArgumentParser(prog="python -m indivaid evaluate")
@@ -68,15 +76,7 @@ def cmd_evaluate(argv: list[str]) -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     model = load_inference(args.checkpoint, args.device)
-    run_split = Path(args.checkpoint).parent / "split.csv"
-    if args.split_file:
-        split = read_split(args.split_file)
-    elif args.dataset:
-        split = build_split(open_dataset(args.dataset, args.path, model.cfg.data.data_root), model.cfg.data.split)
-    elif run_split.is_file():
-        split = read_split(run_split)
-    else:
-        raise SystemExit(f"no split: pass --split-file or --dataset (no {run_split})")
+    split = checkpoint_split(model, args.checkpoint, dataset=args.dataset, path=args.path, split_file=args.split_file)
     cache = build_image_cache(split, model.spec, cache_root(model.cfg))
     q, g = split.query_gallery(args.split)
     def feats(df: pl.DataFrame) -> torch.Tensor:
@@ -91,27 +91,6 @@ def cmd_evaluate(argv: list[str]) -> None:
         scores.update(open_set_metrics(top, model.calibration.threshold).as_dict())
     console.print_json(json.dumps({"dataset": split.dataset, "split": args.split, "split_hash": split.hash,
                                    "protocol": split.protocol, **scores}))
-
-
-def _identity_of(path: Path, root: Path) -> str | None:
-    rel = path.relative_to(root)
-    return rel.parts[0] if len(rel.parts) > 1 else None
-
-
-def _key_values(items: list[str], flag: str) -> dict[str, str]:
-    """``COLUMN=VALUE`` arguments as a mapping; a malformed one is a one-line error."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"{flag} {item!r}: expected COLUMN=VALUE, e.g. {flag} site=north")
-        out[key.strip()] = value
-    return out
-
-
-#: An embedding file's Parquet schema metadata key: the model that made it and its distance.
-EMBED_META = b"indivaid"
-RESERVED = ("path", "identity", "embedding", "bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 
 def _embed_sources(images: str | None, table: str | None) -> pl.DataFrame:
@@ -146,19 +125,55 @@ def _embed_sources(images: str | None, table: str | None) -> pl.DataFrame:
     files = find_images(root) if root.is_dir() else []
     if not files:
         raise DataError(f"--images {root}: no images found (expected {root}/<identity>/<image files>)")
-    return pl.DataFrame({"path": [str(f) for f in files], "identity": [_identity_of(f, root) for f in files],
+    return pl.DataFrame({"path": [str(f) for f in files], "identity": [identity_from_folder(f, root) for f in files],
                          **{k: [None] * len(files) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")}},
                         schema_overrides={k: pl.Float64 for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")})
 
 
-def cmd_embed(argv: list[str]) -> None:
-    import pyarrow.parquet as pq
+@dataclass(frozen=True)
+class Embedder:
+    """What ``embed`` and ``match`` need of a model, torch checkpoint or ONNX export alike."""
 
+    source: str  # the flag and file, for messages
+    fingerprint: str
+    metric: str
+    threshold: float | None  # calibrated on validation (open-set runs), else None
+    probability: tuple[float, float] | None
+    rule: str
+    embed: Callable[[Sequence[str], Sequence[Sequence[float | None]] | None], np.ndarray]  # L2-normalised float32
+
+
+def load_embedder(checkpoint: str | None, onnx: str | None, device: str = "cpu") -> Embedder:
+    """The torch checkpoint, or the ONNX export run by ONNX Runtime (:class:`indivaid_field.model.OnnxModel`)."""
+    if onnx:
+        from indivaid_field.model import OnnxModel
+
+        m = OnnxModel(onnx)
+        return Embedder(f"--onnx {onnx}", m.fingerprint, m.metric, m.threshold, m.probability, m.threshold_rule,
+                        lambda paths, boxes: m.embed_files(paths, boxes))
     from indivaid.inference import load_inference
 
+    model = load_inference(checkpoint, device)  # type: ignore[arg-type]
+    cal = model.calibration
+
+    def embed(paths: Sequence[str], boxes: Sequence[Sequence[float | None]] | None) -> np.ndarray:
+        return torch.nn.functional.normalize(model.embed_files(paths, bboxes=boxes), dim=1).numpy()
+
+    return Embedder(f"--checkpoint {checkpoint}", model.fingerprint, model.metric, cal.threshold if cal else None,
+                    cal.probability if cal else None, cal.rule if cal else "", embed)
+
+
+def _model_flags(ap: argparse.ArgumentParser) -> None:
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="model.pt of a run (torch)")
+    which.add_argument("--onnx", help="the same model exported by `python -m indivaid export` (ONNX Runtime)")
+    ap.add_argument("--device", default="cpu", help="torch device (with --checkpoint)")
+
+
+def cmd_embed(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m indivaid embed", description="Embed a catalogue of photos into a "
                                  "Parquet file: float32 vectors, identities, metadata columns (for match --where).")
-    ap.add_argument("--checkpoint", required=True)
+    _model_flags(ap)
     ap.add_argument("--images", help="<dir>/<identity>/<image> (records the identity); with --table: the folder "
                     "its paths are relative to")
     ap.add_argument("--table", help="CSV/Parquet with path and identity (and optionally bbox); its other columns "
@@ -166,78 +181,43 @@ def cmd_embed(argv: list[str]) -> None:
     ap.add_argument("--meta", action="append", default=[], metavar="COLUMN=VALUE",
                     help="a metadata column with one value for every photo (e.g. site=north)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    meta = _key_values(args.meta, "--meta")
+    meta = key_values(args.meta, "--meta")
     clash = [c for c in meta if c in RESERVED]
     if clash:
         raise DataError(f"--meta {clash[0]}=...: {RESERVED} are reserved column names")
     rows = _embed_sources(args.images, args.table).with_columns(pl.lit(v).alias(k) for k, v in meta.items())
-    model = load_inference(args.checkpoint, args.device)
+    model = load_embedder(args.checkpoint, args.onnx, args.device)
     boxes = rows.select("bbox_x", "bbox_y", "bbox_w", "bbox_h").rows()
-    emb = torch.nn.functional.normalize(model.embed_files(rows["path"].to_list(), bboxes=boxes), dim=1)
+    emb = model.embed(rows["path"].to_list(), boxes)
     d = int(emb.shape[1])
-    df = rows.with_columns(pl.Series("embedding", emb.numpy().astype(np.float32), dtype=pl.Array(pl.Float32, d)))
-    info = {"model": model.fingerprint, "checkpoint": str(Path(args.checkpoint).resolve()), "metric": model.metric,
-            "dim": d}
-    table = df.to_arrow()
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), EMBED_META: json.dumps(info).encode()})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, args.out)
+    origin = Path(args.checkpoint or args.onnx).resolve()
+    write_embeddings(args.out, rows.to_arrow(), emb, {"model": model.fingerprint, "checkpoint": str(origin),
+                                                       "metric": model.metric, "dim": d})
     labelled = rows["identity"].drop_nulls()
     extra = [c for c in rows.columns if c not in RESERVED]
-    console.print(f"wrote {df.height} embeddings ({d}-d float32) of {labelled.n_unique()} individuals to {args.out}"
+    console.print(f"wrote {rows.height} embeddings ({d}-d float32) of {labelled.n_unique()} individuals to {args.out}"
                   + (f"; metadata: {', '.join(extra)}" if extra else ""))
 
 
-def load_gallery(path: str | Path, model) -> tuple[pl.DataFrame, torch.Tensor]:
+def load_gallery(path: str | Path, fingerprint: str) -> tuple[pl.DataFrame, np.ndarray]:
     """An ``embed`` file's rows and float32 vectors; refuses one made by another model."""
-    import pyarrow.parquet as pq
-
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"--gallery {file}: not found; make it with `python -m indivaid embed`")
-    raw = (pq.read_schema(file).metadata or {}).get(EMBED_META)
-    info = json.loads(raw) if raw else {}
-    if info.get("model") not in (None, model.fingerprint):
-        raise DataError(f"--gallery {file} was embedded by another model ({info.get('checkpoint')}); embed the "
-                        "gallery again with this --checkpoint")
-    gal = pl.read_parquet(file)
-    if "embedding" not in gal.columns or "identity" not in gal.columns:
-        raise DataError(f"--gallery {file}: not an embedding file (needs identity and embedding columns)")
-    col = gal["embedding"]
-    vectors = col.to_numpy() if isinstance(col.dtype, pl.Array) else np.asarray(col.to_list())  # older files: lists
-    return gal.drop("embedding"), torch.from_numpy(np.array(vectors, dtype=np.float32))  # a writable copy
+    rows, vectors, info = read_embeddings(path)
+    check_model(path, info, fingerprint)
+    return pl.from_arrow(rows), vectors  # type: ignore[return-value]
 
 
-def _restrict(gal: pl.DataFrame, emb: torch.Tensor, where: dict[str, str]) -> tuple[pl.DataFrame, torch.Tensor]:
+def _restrict(gal: pl.DataFrame, emb: np.ndarray, where: dict[str, str]) -> tuple[pl.DataFrame, np.ndarray]:
     """Gallery rows whose metadata equal every ``--where`` value (e.g. one site's individuals)."""
-    keep = pl.Series([True] * gal.height)
-    for col, value in where.items():
-        if col not in gal.columns:
-            cols = [c for c in gal.columns if c not in RESERVED]
-            raise DataError(f"--where {col}={value}: the gallery has no column {col!r}; its metadata columns: "
-                            f"{', '.join(cols) or 'none'} (embed keeps a table's columns, or add --meta COLUMN=VALUE)")
-        hit = gal[col].cast(pl.String) == value
-        if not hit.any():
-            values = sorted(gal[col].cast(pl.String).drop_nulls().unique().to_list())
-            raise DataError(f"--where {col}={value}: no gallery image has it; values of {col}: {values[:10]}")
-        keep = keep & hit.fill_null(False)
-    labelled = keep & gal["identity"].is_not_null()
-    if not labelled.any():
-        raise DataError(f"no gallery image with an identity matches --where {where}; embed the catalogue with "
-                        "one folder per individual or a table with an identity column")
-    idx = torch.from_numpy(np.flatnonzero(labelled.to_numpy()))
-    return gal.filter(labelled), emb[idx]
+    columns = {c: gal[c].cast(pl.String).to_list() for c in gal.columns}
+    keep = gallery_mask(columns, where, RESERVED)
+    return gal.filter(pl.Series(keep)), emb[keep]
 
 
 def cmd_match(argv: list[str]) -> None:
-    from indivaid.eval.distance import distance_matrix
-    from indivaid.inference import decide, load_inference, rank_identities
-
     ap = argparse.ArgumentParser(prog="python -m indivaid match", description="Which known individual is each new "
                                  "photo, or is it a new one? Ranks individuals (not images) and decides KNOWN / NEW.")
-    ap.add_argument("--checkpoint", required=True)
+    _model_flags(ap)
     ap.add_argument("--gallery", required=True, help="Parquet file from `embed` (the catalogue)")
     ap.add_argument("--images", required=True, help="new photos (a folder; <dir>/<identity>/<image> marks hits)")
     ap.add_argument("--top-k", type=int, default=5, help="individuals listed per photo")
@@ -247,36 +227,38 @@ def cmd_match(argv: list[str]) -> None:
                     help="restrict the gallery by a metadata column kept by embed (repeatable)")
     ap.add_argument("--out", help="write the ranking and decisions to a .csv or .parquet file")
     ap.add_argument("--grid", help="write a PNG: each photo beside its top individuals (original photos)")
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".parquet"):
         raise DataError(f"--out {args.out}: use a .csv or .parquet file name")
     if args.top_k < 1:
         raise DataError(f"--top-k {args.top_k}: must be at least 1")
-    model = load_inference(args.checkpoint, args.device)
-    gal, g = _restrict(*load_gallery(args.gallery, model), _key_values(args.where, "--where"))
+    model = load_embedder(args.checkpoint, args.onnx, args.device)
+    gal, g = _restrict(*load_gallery(args.gallery, model.fingerprint), key_values(args.where, "--where"))
     root = Path(args.images).expanduser().resolve()
     files = find_images(root) if root.is_dir() else []
     if not files:
         raise DataError(f"--images {root}: no images found")
-    q = model.embed_files(files)
+    q = model.embed([str(f) for f in files], None)
     if q.shape[1] != g.shape[1]:
         raise DataError(f"--gallery {args.gallery} holds {g.shape[1]}-d vectors but this model makes {q.shape[1]}-d "
-                        "ones; embed the gallery again with this --checkpoint")
-    dist = distance_matrix(q, g.to(q.device), model.metric, normalize=True)  # type: ignore[arg-type]
-    ranked = rank_identities(dist, gal["identity"].to_list(), args.top_k)
-    cal = model.calibration
-    threshold = args.threshold if args.threshold is not None else (cal.threshold if cal else None)
+                        f"ones; embed the gallery again with this {model.source.split()[0]}")
+    ranked = Gallery(g, gal["identity"].to_list(), model.metric).search(q, args.top_k)
+    threshold = args.threshold if args.threshold is not None else model.threshold
     if threshold is None:
         log.warning("%s has no calibrated threshold (trained on a closed-set split): photos are ranked without a "
                     "KNOWN/NEW decision; pass --threshold, or train with data.split.unknown_fraction > 0",
-                    args.checkpoint)
+                    model.source)
         known, conf = None, None
     else:
-        known, conf = decide(ranked.best[:, 0], threshold, cal.probability if cal else None)
-    table = _match_table(files, root, gal, ranked, known, conf, threshold)
-    _print_matches(table, ranked, g.shape[0], threshold, "--threshold" if args.threshold is not None
-                   else (f"calibrated on validation, {cal.rule}" if cal else ""))
+        known, conf = decide(ranked.best[:, 0], threshold, model.probability)
+    rows = match_rows([str(f) for f in files], [identity_from_folder(f, root) for f in files], gal["path"].to_list(),
+                      ranked, known, conf, threshold)
+    table = pl.DataFrame(rows, schema_overrides={"threshold": pl.Float64, "confidence": pl.Float64,
+                                                 "decision": pl.String, "identity_decided": pl.String,
+                                                 "photo_identity": pl.String})
+    source = "--threshold" if args.threshold is not None else (f"calibrated on validation, {model.rule}"
+                                                                if model.threshold is not None else "")
+    print_matches(console, rows, ranked, g.shape[0], threshold, source)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,50 +267,6 @@ def cmd_match(argv: list[str]) -> None:
     if args.grid:
         retrieval_grid(table, Path(args.grid))
         console.print(f"retrieval grid: {args.grid}")
-
-
-def _match_table(files: list[Path], root: Path, gal: pl.DataFrame, ranked, known: torch.Tensor | None,
-                 conf: torch.Tensor | None, threshold: float | None) -> pl.DataFrame:
-    """One row per photo and ranked individual, with the photo's decision on every row."""
-    q, k = ranked.codes.shape
-    photo = [str(f) for f in files]
-    truth = [_identity_of(f, root) for f in files]
-    names = [ranked.identities[int(c)] for c in ranked.codes.reshape(-1)]
-    gpaths = gal["path"].to_list()
-    decision = [None] * q if known is None else ["KNOWN" if bool(x) else "NEW" for x in known]
-    decided = [ranked.identities[int(ranked.codes[i, 0])] if decision[i] == "KNOWN" else None for i in range(q)]
-    rep = lambda values: [v for v in values for _ in range(k)]  # noqa: E731 (per photo -> per row)
-    return pl.DataFrame({
-        "photo": rep(photo), "photo_identity": rep(truth), "decision": rep(decision), "identity_decided": rep(decided),
-        "confidence": rep(conf.tolist() if conf is not None else [None] * q),
-        "threshold": [threshold] * (q * k), "rank": list(range(1, k + 1)) * q, "identity": names,
-        "best_distance": ranked.best.reshape(-1).tolist(), "mean_distance": ranked.mean.reshape(-1).tolist(),
-        "images": ranked.images[ranked.codes.reshape(-1)].tolist(),
-        "best_image": [gpaths[int(i)] for i in ranked.best_image.reshape(-1)],
-    }, schema_overrides={"threshold": pl.Float64, "confidence": pl.Float64, "decision": pl.String,
-                         "identity_decided": pl.String, "photo_identity": pl.String})
-
-
-def _print_matches(table: pl.DataFrame, ranked, n_images: int, threshold: float | None, source: str) -> None:
-    k = ranked.codes.shape[1]
-    out = Table(title=f"top-{k} matches: {len(ranked.identities)} individuals ({n_images} images) ranked by their "
-                      "nearest image")
-    for c, j in (("photo", "left"), ("decision", "left"), ("confidence", "right"), ("rank", "right"),
-                 ("individual", "left"), ("best", "right"), ("mean", "right"), ("images", "right")):
-        out.add_column(c, justify=j)  # type: ignore[arg-type]
-    for r in table.iter_rows(named=True):
-        first = r["rank"] == 1
-        verdict = "" if not first or r["decision"] is None else (
-            f"[bold blue]KNOWN {r['identity_decided']}[/]" if r["decision"] == "KNOWN" else "[bold red]NEW[/]")
-        conf = f"{r['confidence']:.0%}" if first and r["confidence"] is not None else ""
-        out.add_row(Path(r["photo"]).name if first else "", verdict, conf, str(r["rank"]), str(r["identity"]),
-                    f"{r['best_distance']:.3f}", f"{r['mean_distance']:.3f}", str(r["images"]))
-    console.print(out)
-    if threshold is not None:
-        firsts = table.filter(pl.col("rank") == 1)
-        n_known = firsts.filter(pl.col("decision") == "KNOWN").height
-        console.print(f"{firsts.height} photos: {n_known} KNOWN, {firsts.height - n_known} NEW at distance threshold "
-                      f"{threshold:.4f} ({source})")
 
 
 def _photo(path: str, max_side: int = 320) -> np.ndarray:
@@ -392,4 +330,76 @@ def retrieval_grid(table: pl.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed, "match": cmd_match}
+def cmd_robustness(argv: list[str]) -> None:
+    from indivaid.eval.robustness import NAMES, robustness_scores, write_report
+
+    ap = argparse.ArgumentParser(prog="python -m indivaid robustness", description="Score a checkpoint with its "
+                                 "queries corrupted (darkness, blur, noise, JPEG, fog, occlusion...; 3 severities "
+                                 "each; gallery clean) against the clean split.")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--dataset", help="score on another registered dataset (default: the run's split)")
+    ap.add_argument("--path", help="that dataset's folder")
+    ap.add_argument("--split-file", help="a split file (default: the run's split.csv)")
+    ap.add_argument("--split", choices=["val", "test"], default="test")
+    ap.add_argument("--corruption", action="append", metavar="NAME", help=f"only these (repeatable): {', '.join(NAMES)}")
+    ap.add_argument("--seed", type=int, default=0, help="seeds every random draw of the corruptions")
+    ap.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval.batch_size)")
+    ap.add_argument("--device", help="default: the run's runtime.device")
+    ap.add_argument("--out", help="folder for robustness.json and robustness.png (default: <checkpoint dir>/robustness)")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.corruption or [] if n not in NAMES]
+    if unknown:
+        raise ConfigError(f"--corruption {unknown[0]}: unknown; choose from {', '.join(NAMES)}")
+    result = robustness_scores(args.checkpoint, dataset=args.dataset, path=args.path, split_file=args.split_file,
+                               split=args.split, device=args.device, seed=args.seed, corruptions=args.corruption,
+                               batch_size=args.batch_size)
+    console.print(robustness_table(result))
+    s = result["summary"]
+    console.print(f"mean relative robustness (corrupted / clean, over {sum(map(len, result['corruptions'].values()))} "
+                  f"corruption x severity cells): mAP {100 * s['mean_rel_mAP']:.1f} %, Rank-1 "
+                  f"{100 * s['mean_rel_rank1']:.1f} %")
+    js, png = write_report(result, args.out or Path(args.checkpoint).parent / "robustness")
+    console.print(f"robustness: {js}  plot: {png}")
+
+
+def robustness_table(result: dict) -> Table:
+    """One row per corruption x severity: mAP and Rank-1, and each relative to the clean split."""
+    clean = result["clean"]
+    t = Table(title=f"robustness of {result['method']} on {result['dataset']} {result['split']} ({result['queries']} "
+                    f"corrupted queries, {result['gallery']} clean gallery images, seed {result['seed']})")
+    for c in ("corruption", "severity", "level", "mAP", "relative mAP", "Rank-1", "relative Rank-1"):
+        t.add_column(c, justify="left" if c in ("corruption", "level") else "right")
+    t.add_row("clean", "", "", f"{100 * clean['mAP']:.1f}", "100 %", f"{100 * clean['rank1']:.1f}", "100 %",
+              end_section=True)
+    for name, cells in result["corruptions"].items():
+        for i, c in enumerate(cells):
+            t.add_row(name if i == 0 else "", str(c["severity"]), str(c["level"]), f"{100 * c['mAP']:.1f}",
+                      f"{100 * c['rel_mAP']:.0f} %", f"{100 * c['rank1']:.1f}", f"{100 * c['rel_rank1']:.0f} %",
+                      end_section=i == len(cells) - 1)
+    return t
+
+
+def cmd_export(argv: list[str]) -> None:
+    from indivaid.export import export_onnx
+
+    ap = argparse.ArgumentParser(prog="python -m indivaid export", description="Export a checkpoint's image encoder "
+                                 "and feature head to ONNX (dynamic batch, fixed input size, preprocessing, distance "
+                                 "and open-set threshold in the metadata) for `python -m indivaid_field`.")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out", required=True, help="the .onnx file to write")
+    ap.add_argument("--no-check", action="store_true", help="skip running the export in ONNX Runtime against torch")
+    args = ap.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        raise DataError(f"--checkpoint {args.checkpoint}: not found")
+    info = export_onnx(args.checkpoint, args.out, check=not args.no_check)
+    t = Table(title=f"exported {args.checkpoint} -> {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
+    t.add_column("metadata")
+    t.add_column("value")
+    for k, v in info.items():
+        t.add_row(k, f"{v:.2e}" if k == "max_abs_diff" else json.dumps(v))
+    console.print(t)
+    console.print(f"field use: python -m indivaid_field match --onnx {args.out} --gallery gallery.parquet --images DIR")
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed, "match": cmd_match,
+            "robustness": cmd_robustness, "export": cmd_export}

@@ -4,7 +4,8 @@ Every config section is a frozen dataclass. :func:`from_dict` walks the type hin
 key, a wrong type or a value out of range fails with the dotted path of the key (``stage1.lr``)
 and, for typos, the closest valid key. Range checks live next to the fields as ``metadata``
 (``ge``, ``gt``, ``le``, ``lt``) or in a section's ``__post_init__`` (raise ``ValueError`` naming
-the field; the loader prefixes the section path).
+the field; the loader prefixes the section path). A section's ``renamed`` class attribute maps a
+former key to its successor, so an old config fails naming the key to use.
 """
 
 from __future__ import annotations
@@ -131,10 +132,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
-        raise ConfigError(
-            f"{_join(path, str(key))}: unknown key{did_you_mean(str(key), list(fields))}; "
-            f"valid keys here: {', '.join(fields)}"
-        )
+        renamed = getattr(cls, "renamed", {}).get(key)  # a section's ClassVar: old key -> the new one, explained
+        hint = f" (renamed: use {_join(path, renamed)})" if renamed else did_you_mean(str(key), list(fields))
+        raise ConfigError(f"{_join(path, str(key))}: unknown key{hint}; valid keys here: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:

@@ -21,9 +21,10 @@ from indivaid.baselines import cached_raw_pixel_features
 from indivaid.data import SplitConfig, build_split, open_dataset, validate_catalogue, write_split
 from indivaid.data.imagecache import ImageSpec, build_image_cache
 from indivaid.data.split import SPLITS, Split
-from indivaid.eval.metrics import RankMetrics
+from indivaid.eval.metrics import METRIC_LABELS, RankMetrics
 from indivaid.eval.retrieval import score_retrieval
 from indivaid.config import apply_overrides, to_dict
+from indivaid.methods import METHODS, untrained_methods
 from indivaid.training import resolve, train
 from indivaid.utils.console import make_console
 from indivaid.utils.io import data_root, stable_hash
@@ -46,10 +47,10 @@ def split_summary(split: Split) -> Table:
 
 def metrics_table(title: str, results: dict[str, RankMetrics]) -> Table:
     table = Table(title=title)
-    for col in ("method / split", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "queries"):
+    for col in ("method / split", *METRIC_LABELS.values(), "queries"):
         table.add_column(col, justify="right" if col != "method / split" else "left")
     for name, m in results.items():
-        table.add_row(name, *(f"{100 * v:.1f}" for v in (m.cmc[1], m.cmc[5], m.cmc[10], m.mAP, m.mINP)),
+        table.add_row(name, *(f"{100 * v:.1f}" for v in m.scores()),
                       f"{m.num_valid_queries} (+{m.num_skipped_queries} skipped)")
     return table
 
@@ -88,20 +89,21 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict[
     path = write_split(split, cat.root / f"split-seed{args.seed}.csv")
     console.print(f"split file: {path}")
     console.print(split_summary(split))
-    cfg0 = demo_config("zeroshot", root, cache_root, path, options, args.set)
+    baselines = untrained_methods()  # the frozen (here: untrained tiny) model
+    cfg0 = demo_config(baselines[0], root, cache_root, path, options, args.set)
     spec = ImageSpec(*cfg0.model.input_size, cfg0.data.resize)
     results = raw_pixel_baseline(split, cache_root, spec)
     runs = {}
-    for method in ["zeroshot", *args.methods]:
+    for method in [*baselines, *args.methods]:
         cfg = demo_config(method, root, cache_root, path, options, args.set)
         console.rule(f"[bold]{method}")
         workdir = Path(args.workdir) / f"{method}-{stable_hash(to_dict(cfg), 8)}"  # a changed config starts afresh
         res = train(cfg, workdir=workdir, report=_log_epoch(method))
         runs[method] = res
-        name = "untrained (tiny)" if method == "zeroshot" else method
-        results[f"{name} / val"] = _as_metrics(res.val)
+        name = method if METHODS.get(method).train else "untrained (tiny)"
+        results[f"{name} / val"] = RankMetrics.from_dict(res.val)
         if res.test:
-            results[f"{name} / test"] = _as_metrics(res.test)
+            results[f"{name} / test"] = RankMetrics.from_dict(res.test)
     order = sorted(results, key=lambda k: (k.endswith("/ test"), list(results).index(k)))
     console.print(metrics_table(f"{split.dataset}: validation (model selection) and test (%), protocol {split.protocol}",
                                 {k: results[k] for k in order}))
@@ -114,11 +116,6 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict[
 def demo_config(method: str, root: Path, cache_root: Path, split_file: Path, options: dict, overrides: list[str]):
     data = {"data_root": str(root), "cache_dir": str(cache_root), "split_file": str(split_file), "options": options}
     return resolve(apply_overrides({"preset": "tiny", "method": method, "data": data}, overrides))
-
-
-def _as_metrics(d: dict[str, float]) -> RankMetrics:
-    return RankMetrics({1: d["rank1"], 5: d["rank5"], 10: d["rank10"]}, d["mAP"], d["mINP"],
-                       int(d["num_valid_queries"]), int(d["num_skipped_queries"]))
 
 
 def _log_epoch(method: str):

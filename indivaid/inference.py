@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from indivaid.config import from_dict
+from indivaid.config import ConfigError, from_dict
 from indivaid.data.augment import normalize
+from indivaid.data.catalogue import DataError
 from indivaid.data.imagecache import ImageSpec, load_image
 from indivaid.eval.openset import Calibration
 from indivaid.models.backbone import build_clip
@@ -26,6 +27,7 @@ from indivaid.models.encoders import ImageEncoder
 from indivaid.models.head import ReIDHead, inference_feature
 from indivaid.training import checkpoint as ckpt
 from indivaid.training.config import TrainConfig
+from indivaid_field.matching import IdentityRanking, decide, rank_distances  # noqa: F401 (decide: re-exported)
 
 
 @dataclass
@@ -97,50 +99,46 @@ def load_inference(path: str | Path, device: str | torch.device = "cpu") -> Infe
 
 
 # ---------------------------------------------------------------------------------------------
-# Matching: individuals, not images
+# Matching: individuals, not images (numpy, shared with the torch-free field package)
 
 
-@dataclass(frozen=True)
-class IdentityRanking:
-    """Per query, the gallery's individuals ranked by their nearest image (ties: identity order).
-
-    ``(Q, k)`` tensors: ``codes`` index ``identities``; ``best`` and ``mean`` are the nearest and
-    the mean distance to the individual's images; ``best_image`` is the gallery row of the nearest."""
-
-    identities: list[str]
-    codes: Tensor
-    best: Tensor
-    mean: Tensor
-    best_image: Tensor
-    images: Tensor  # (I,) gallery images per individual
+def rank_identities(dist: Tensor | np.ndarray, gallery_identity: Sequence[str], k: int) -> IdentityRanking:
+    """One row per individual instead of per image: a ``(Q, G)`` distance matrix reduced per identity
+    (:func:`indivaid_field.matching.rank_distances`; ``match`` streams big galleries with
+    :class:`indivaid_field.matching.Gallery` instead)."""
+    d = dist.detach().cpu().numpy() if isinstance(dist, Tensor) else np.asarray(dist)
+    return rank_distances(d, gallery_identity, k)
 
 
-def rank_identities(dist: Tensor, gallery_identity: Sequence[str], k: int) -> IdentityRanking:
-    """One row per individual instead of per image: a ``(Q, G)`` distance matrix reduced per identity."""
-    identities = sorted(set(gallery_identity))
-    vocab = {s: i for i, s in enumerate(identities)}
-    codes = torch.tensor([vocab[s] for s in gallery_identity], dtype=torch.long)
-    q, g, n = dist.shape[0], dist.shape[1], len(identities)
-    d = dist.to(torch.float64).cpu()
-    idx = codes.expand(q, g)
-    best = torch.full((q, n), float("inf"), dtype=torch.float64).scatter_reduce_(1, idx, d, "amin")
-    images = torch.bincount(codes, minlength=n)
-    mean = torch.zeros((q, n), dtype=torch.float64).index_add_(1, codes, d) / images.to(torch.float64)
-    at_best = torch.where(d == best.gather(1, idx), torch.arange(g).expand(q, g), g)
-    best_image = torch.full((q, n), g, dtype=torch.long).scatter_reduce_(1, idx, at_best, "amin")
-    order = torch.sort(best, dim=1, stable=True).indices[:, : min(k, n)]
-    return IdentityRanking(identities, order, best.gather(1, order), mean.gather(1, order),
-                           best_image.gather(1, order), images)
+# ---------------------------------------------------------------------------------------------
+# Which split to score a checkpoint on
 
 
-def decide(top1_distance: Tensor, threshold: float, probability: tuple[float, float] | None) -> tuple[Tensor, Tensor | None]:
-    """(known, confidence) per query: known when the nearest individual is within ``threshold``
-    (the rule the threshold was calibrated with); the confidence of that decision from the
-    calibrated P(same individual), when the model has one."""
-    from indivaid.eval.openset import same_probability
+def pick_device(name: str | None, cfg: TrainConfig) -> torch.device:
+    """``name`` (default: the run's ``runtime.device``); ``auto`` is CUDA, else MPS, else the CPU."""
+    name = name or cfg.runtime.device
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available here; pass --device cpu")
+    return device
 
-    known = top1_distance <= threshold
-    if probability is None:
-        return known, None
-    p = same_probability(top1_distance, probability)
-    return known, torch.where(known, p, 1 - p)
+
+def checkpoint_split(model: InferenceModel, checkpoint: str | Path, *, dataset: str | None = None,
+                     path: str | None = None, split_file: str | None = None):
+    """The split to score ``checkpoint`` on: ``split_file``, else ``dataset`` split as the run split its
+    own, else the run's recorded ``split.csv`` beside the checkpoint."""
+    from indivaid.data import build_split, open_dataset, read_split
+
+    run_split = Path(checkpoint).parent / "split.csv"
+    if split_file:
+        return read_split(split_file)
+    if dataset:
+        return build_split(open_dataset(dataset, path, model.cfg.data.data_root), model.cfg.data.split)
+    if run_split.is_file():
+        return read_split(run_split)
+    raise DataError(f"--checkpoint {checkpoint}: no split to score it on; pass --split-file or --dataset "
+                    f"(no {run_split})")

@@ -10,7 +10,8 @@ from indivaid.registry import Registry
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``train`` False: the frozen CLIP image feature (zero-shot baseline, no stage 1 or 2).
+    """``train`` False: the frozen CLIP image feature (zero-shot baseline, no stage 1 or 2): code
+    that treats the baseline differently asks this trait, never the method's name.
     ``fusion`` names an entry of the fusion registry (``indivaid.models.fusion.FUSIONS``)."""
 
     meta_net: bool
@@ -28,3 +29,8 @@ METHODS.register("clipreid", MethodSpec(False, "none", description="per-identity
 METHODS.register("zeroshot", MethodSpec(False, "none", train=False, description="frozen CLIP image features"))
 METHODS.register("indivaid-mean", MethodSpec(True, "mean", description="ablation: Meta-Net + mean fusion (public code)"))
 METHODS.register("indivaid-nofusion", MethodSpec(True, "none", description="ablation: Meta-Net in stage 1, identity text in stage 2"))
+
+
+def untrained_methods() -> list[str]:
+    """The registered methods that train nothing (the frozen-feature baselines every board shows)."""
+    return [n for n in METHODS.names() if not METHODS.get(n).train]

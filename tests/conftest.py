@@ -26,6 +26,30 @@ def small_catalogue(data_root: Path):
     return open_dataset("synthetic", data_root=data_root, **SMALL)
 
 
+#: 160 synthetic animals: 40 test identities and 24 validation ones, 20 % of each unknown
+OPEN_DATA = {"identities": 160, "min_images": 8, "max_images": 12, "seed": 11}
+OPEN_SPLIT = {"unknown_fraction": 0.2, "val_fraction": 0.2, "test_fraction": 0.25, "protocol": "none"}
+
+
+@pytest.fixture(scope="session")
+def open_runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The untrained tiny model (zero-shot: its random-init features) and the trained one, both
+    calibrated on validation in the same way. Trained once per session (about a minute) and shared
+    by the open-set, robustness and ONNX tests: the one tiny model here that has learned enough to
+    lose something to a corruption, and whose checkpoint holds a calibrated threshold."""
+    from indivaid.training import resolve, train
+
+    work = tmp_path_factory.mktemp("openset")
+    runs = {}
+    for method in ("zeroshot", "clipreid"):
+        cfg = resolve({"preset": "tiny", "method": method, "stage2": {"epochs": 100}, "eval": {"every": 25},
+                       "runtime": {"deterministic": True, "threads": 1},  # one thread: no spinning when cores are shared
+                       "data": {"data_root": str(data_root), "cache_dir": str(work / "cache"), "options": OPEN_DATA,
+                                "split": OPEN_SPLIT}})
+        runs[method] = train(cfg, workdir=work / method)
+    return runs
+
+
 def write_image(path: Path, size: tuple[int, int] = (40, 24), seed: int = 0) -> Path:
     """A small random RGB JPEG/PNG (format from the suffix) of ``size`` = (width, height)."""
     path.parent.mkdir(parents=True, exist_ok=True)

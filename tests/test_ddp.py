@@ -41,12 +41,13 @@ def test_two_rank_ddp_run_reports_on_every_rank_and_checkpoints_once(data_root: 
     assert [(json.loads(s)["stage"], json.loads(s)["epoch"]) for s in saves] == [(1, 2)]  # every 5: the end of stage 1
 
 
-def record_steps(trainer_module, sink: dict) -> Callable[[], None]:
+def record_steps(run_module, sink: dict) -> Callable[[], None]:
     """Record, per epoch, the identities of every step's batch (what this rank trains on) and the
-    optimiser steps taken (each epoch starts with one ``epoch_batches`` call); returns the undo."""
+    optimiser steps taken (each epoch starts with one ``epoch_batches`` call of ``run_module``, the
+    trainer's ``indivaid.training.run``); returns the undo."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    original = trainer_module.epoch_batches
+    original = run_module.epoch_batches
     sink.update(identities=[], steps_before=[], steps=0)
 
     def recording(sampler, *args, **kwargs):
@@ -58,11 +59,11 @@ def record_steps(trainer_module, sink: dict) -> Callable[[], None]:
     def count(*_):
         sink["steps"] += 1
 
-    trainer_module.epoch_batches = recording
+    run_module.epoch_batches = recording
     hook = register_optimizer_step_post_hook(count)
 
     def undo() -> None:
-        trainer_module.epoch_batches = original
+        run_module.epoch_batches = original
         hook.remove()
 
     return undo
@@ -83,12 +84,13 @@ def _ddp_steps_config(data_root: Path, out: Path):
 def _steps_worker(rank: int, world: int, init: str, data_root: str, out: str) -> None:
     import torch.distributed as dist
 
+    import indivaid.training.run as run_module
     import indivaid.training.trainer as trainer
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         sink: dict = {}
-        record_steps(trainer, sink)
+        record_steps(run_module, sink)
         trainer.train(_ddp_steps_config(Path(data_root), Path(out)), workdir=Path(out) / "ddp", evaluate_test=False)
         Path(out, f"steps{rank}.json").write_text(json.dumps({**sink, "per_epoch": steps_per_epoch(sink)}))
     finally:
@@ -97,12 +99,13 @@ def _steps_worker(rank: int, world: int, init: str, data_root: str, out: str) ->
 
 def test_ddp_splits_one_global_batch_same_steps_and_identities_as_one_process(data_root: Path, tmp_path: Path):
     """Two gloo ranks take the steps one process takes, each with half of every step's identities."""
+    import indivaid.training.run as run_module
     import indivaid.training.trainer as trainer
 
     mp.spawn(_steps_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(data_root), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"steps{r}.json").read_text()) for r in (0, 1)]
     single: dict = {}
-    undo = record_steps(trainer, single)
+    undo = record_steps(run_module, single)
     try:
         trainer.train(_ddp_steps_config(data_root, tmp_path), workdir=tmp_path / "single", evaluate_test=False)
     finally:

@@ -11,7 +11,8 @@ import yaml
 
 from harness.checks import asha_rungs, check_sweep
 from harness.config import load_sweep, trial_config
-from harness.sweep import GpuBudget, main
+from harness.orchestrate import GpuBudget
+from harness.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import pytest
 from test_harness_sweep import sweep_file
 
 from harness.config import load_sweep
-from harness.sweep import run_sweep
+from harness.orchestrate import run_sweep
 
 
 def free_port() -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_sweep, trial_config
-from harness.sweep import main, plan, search_space
+from harness.plan import plan, search_space
+from harness.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = """
@@ -73,7 +74,7 @@ def test_missing_dataset_is_reported_before_anything_starts(tmp_path: Path, caps
 
 def test_dry_run_estimates_gpu_hours_from_published_sizes_without_touching_data(tmp_path: Path, capsys):
     from harness.estimate import image_counts, trial_gpu_seconds
-    from harness.sweep import plan_rows
+    from harness.plan import plan_rows
 
     f = write(tmp_path, (ROOT / "sweeps" / "full.yaml").read_text() + f"data_root: {tmp_path / 'nowhere'}\n")
     assert main([str(f), "--dry-run"]) == 0
@@ -97,7 +98,7 @@ def test_dry_run_estimates_gpu_hours_from_published_sizes_without_touching_data(
 
 def test_generated_dataset_is_never_missing_and_dry_run_does_not_generate(tmp_path: Path, capsys):
     f = write(tmp_path, GOOD + f"data_root: {tmp_path / 'data'}\nstorage: {tmp_path / 'results'}\n")
-    from harness.sweep import missing_datasets, plan_rows
+    from harness.plan import missing_datasets, plan_rows
 
     assert main([str(f), "--dry-run"]) == 0
     assert all(r.images == "not present" and r.gpu_hours is None for r in plan_rows(load_sweep(f)))
@@ -106,7 +107,7 @@ def test_generated_dataset_is_never_missing_and_dry_run_does_not_generate(tmp_pa
 
 
 def test_missing_datasets_follow_the_trainer_config_a_trial_gets(tmp_path: Path):
-    from harness.sweep import missing_datasets
+    from harness.plan import missing_datasets
 
     here = tmp_path / "atrw-copy"
     here.mkdir()
@@ -119,7 +120,7 @@ def test_missing_datasets_follow_the_trainer_config_a_trial_gets(tmp_path: Path)
 def test_best_search_trial_ignores_failed_and_nan_trials_and_breaks_ties_by_id():
     import polars as pl
 
-    from harness.sweep import best_search_trials
+    from harness.results import best_search_trials
 
     rows = [  # (trial_id, status, best_val_mAP, val_rank1, stage2.lr)
         ("a", "error", 0.90, 0.9, 1.0), ("b", "completed", float("nan"), 0.1, 2.0), ("c", "stopped", 0.50, 0.7, 3.0),

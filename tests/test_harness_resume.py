@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from test_harness_sweep import sweep_file
 
-from harness.sweep import FINISHED
+from harness.results import FINISHED
 
 ROOT = Path(__file__).resolve().parents[1]
 

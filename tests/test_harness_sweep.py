@@ -14,7 +14,7 @@ import yaml
 from conftest import SMALL
 
 from harness.config import load_sweep
-from harness.sweep import run_sweep
+from harness.orchestrate import run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,55 @@ def test_a_trial_past_its_time_limit_is_stopped_and_recorded_as_timeout(ray_loca
     assert t["attempts"][0] == 1 and time.time() - started < 240  # the 5000-epoch run (minutes at least) was cut short
     trial_dir = next((tmp_path / "results").glob("search-*/*/timeout.json")).parent
     assert not (trial_dir / "run" / "result.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_progress_board_feeds_the_live_table_and_is_made_again_when_lost(ray_local, data_root: Path, tmp_path: Path):
+    """Tune callbacks push trial states to the board actor; the live table reads it. When the board
+    dies the table keeps its last snapshot, pushes are skipped without an error, and a new board is
+    made and refilled from trials.parquet."""
+    from types import SimpleNamespace
+
+    import ray
+    from rich.console import Console
+
+    from harness.plan import Experiment
+    from harness.progress import SweepProgress, find_board, start_board
+    from harness.results import to_table
+    from harness.tuning import ProgressCallback
+
+    sweep = load_sweep(sweep_file(tmp_path, data_root, name="board-test", methods=["clipreid"]))
+    board = start_board(sweep.name)
+    assert board is not None and find_board(sweep.name) is not None
+    progress = SweepProgress(sweep, total=3, board=board)
+    cb = ProgressCallback(sweep.name, Experiment("search", "synthetic", "clipreid"))
+    trials = [SimpleNamespace(trial_id=i, path=str(tmp_path / i), last_result={}) for i in ("a", "b")]
+    for t in trials:
+        cb.on_trial_start(0, trials, t)
+        cb.on_trial_result(0, trials, t, {"s2_epoch": 2, "best_val_mAP": 0.25})
+    trials[0].last_result = {"run_finished": 1.0}
+    cb.on_trial_complete(0, trials, trials[0])
+
+    def render() -> str:
+        console = Console(width=200, record=True)
+        console.print(progress)
+        return console.export_text()
+
+    deadline = time.time() + 30
+    while "1/3 trials finished" not in (text := render()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert "1/3 trials finished" in text and "25.0" in text, text
+    ray.kill(board, no_restart=True)
+    assert "live progress stale" in render()
+    cb.on_trial_complete(0, trials, trials[1])  # the board is gone: skipped, no error
+    progress.record_results(to_table([{"trial_id": "a", "dataset": "synthetic", "method": "clipreid",
+                                       "phase": "search", "status": "completed", "attempts": 1, "best_val_mAP": 0.5}]))
+    deadline = time.time() + 30
+    while True:
+        progress._looked = 0.0  # look for a board now instead of after LOOKUP_EVERY_S
+        text = render()
+        if "1/3 trials finished" in text and "stale" not in text:
+            break
+        assert time.time() < deadline, text
+        time.sleep(0.5)
+    assert "50.0" in text and progress.board is not None

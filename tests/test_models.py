@@ -109,7 +109,7 @@ def test_every_fusion_maps_masked_descriptions_to_one_per_identity(name: str):
     garbage = padded.masked_fill(~mask.unsqueeze(-1), 1e6)  # whatever sits in the padding is ignored
     assert torch.allclose(fusion(garbage, mask), out, atol=1e-5)
     assert set(cls.keys) <= set(FusionConfig.__dataclass_fields__)  # keys a sweep may search exist
-    assert bool(list(fusion.parameters())) == ("lr_factor" in cls.keys)  # lr_factor only matters with weights
+    assert bool(list(fusion.parameters())) == ("lr" in cls.keys)  # fusion.lr only matters with weights
     if not cls.per_image:  # one text per identity: fusion returns it unchanged
         assert torch.allclose(out, desc, atol=1e-6)
 

@@ -15,30 +15,11 @@ from conftest import write_image
 
 from indivaid.__main__ import main
 from indivaid.data import read_split
-from indivaid.training import resolve, train
 
-pytestmark = pytest.mark.timeout(600)  # the module's fixture trains once (about a minute; more on busy cores)
+pytestmark = pytest.mark.timeout(600)  # the session fixture open_runs trains once (conftest: about a minute)
 
-#: 160 synthetic animals: 40 test identities and 24 validation ones, 20 % of each unknown
-OPEN_DATA = {"identities": 160, "min_images": 8, "max_images": 12, "seed": 11}
-OPEN_SPLIT = {"unknown_fraction": 0.2, "val_fraction": 0.2, "test_fraction": 0.25, "protocol": "none"}
 #: how far the validation-calibrated test GM may fall below the best GM any threshold gets on test
 ORACLE_MARGIN = 0.15
-
-
-@pytest.fixture(scope="module")
-def open_runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The untrained tiny model (zero-shot: its random-init features) and the trained one, both
-    calibrated on validation in the same way."""
-    work = tmp_path_factory.mktemp("openset")
-    runs = {}
-    for method in ("zeroshot", "clipreid"):
-        cfg = resolve({"preset": "tiny", "method": method, "stage2": {"epochs": 100}, "eval": {"every": 25},
-                       "runtime": {"deterministic": True, "threads": 1},  # one thread: no spinning when cores are shared
-                       "data": {"data_root": str(data_root), "cache_dir": str(work / "cache"), "options": OPEN_DATA,
-                                "split": OPEN_SPLIT}})
-        runs[method] = train(cfg, workdir=work / method)
-    return runs
 
 
 def test_trained_model_tells_known_from_new_far_better_and_its_threshold_transfers(open_runs):

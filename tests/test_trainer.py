@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,13 +15,18 @@ import pytest
 import torch
 from conftest import SMALL
 
-from indivaid.config import apply_overrides
+from indivaid.config import ConfigError, apply_overrides, to_dict
+from indivaid.data import read_split
+from indivaid.eval.metrics import METRIC_KEYS
 from indivaid.methods import METHODS
 from indivaid.models.fusion import FUSIONS
 from indivaid.training import REPORT_KEYS, TrainingError, resolve, train
-from indivaid.training.schedule import milestone_epochs, warmup_multistep
-from indivaid.training.trainer import (Run, description_cache, frozen_feature_cache, save_inference_checkpoint, stage1,
-                                       stage2)
+from indivaid.training.schedule import cosine_with_warmup, milestone_epochs, warmup_multistep
+from indivaid.training.features import frozen_feature_cache
+from indivaid.training.run import Run
+from indivaid.training.stage1 import PLATEAU_TOLERANCE, loss_slope, plateau, stage1
+from indivaid.training.stage2 import description_cache, stage2
+from indivaid.training.trainer import save_inference_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,3 +278,61 @@ def test_camera_embedding_trains_and_unseen_cameras_use_the_zero_row(data_root: 
     assert not torch.equal(before[:-1], emb.detach()[:-1])  # seen cameras' vectors trained
     codes = run._sie_codes(run.split.table.with_columns(camera=pl.lit("a-camera-never-seen")))
     assert set(codes.tolist()) == {len(run.sie_codes)}
+
+
+def _cosine_lrs(epochs: int = 50, steps: int = 20) -> list[float]:
+    return [cosine_with_warmup(e, epochs, 5, 0.01, 1e-6, 1e-5) for e in range(epochs) for _ in range(steps)]
+
+
+def test_stage1_loss_slope_tells_a_falling_loss_from_a_levelled_one_under_the_cosine_schedule():
+    """Measured per unit of learning rate: a loss still falling in proportion to the learning done
+    gives about -0.11 (not a plateau) although the cosine's last steps barely move it; a loss that
+    levelled off early gives about 0 (a plateau), noise included."""
+    lrs = _cosine_lrs()
+    cum = torch.cumsum(torch.tensor(lrs, dtype=torch.float64), 0)
+    noise = 0.05 * torch.randn(len(lrs), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    falling, levelled = 7 - 0.2 * cum + noise, 6 + torch.exp(-cum / 0.2) + noise
+    assert plateau(list(zip(falling.tolist(), lrs))) == {"stage1_loss_slope": pytest.approx(-0.107, abs=0.02),
+                                                         "stage1_plateau": 0.0}
+    s = plateau(list(zip(levelled.tolist(), lrs)))
+    assert abs(s["stage1_loss_slope"]) < PLATEAU_TOLERANCE and s["stage1_plateau"] == 1.0
+    # at a constant lr the window is the last tenth of the steps: a straight line gives -0.1 / 0.9
+    assert loss_slope([5 - 0.01 * i for i in range(100)], [1e-3] * 100) == pytest.approx(-1 / 9)
+    assert math.isnan(loss_slope([5.0, 4.0, 3.0], [1e-3] * 3))  # too few steps to fit a trend
+    assert math.isnan(plateau([(5.0, 1e-3)] * 50)["stage1_plateau"])  # the loss never fell: not measured
+
+
+def test_stage1_plateau_is_reported_from_its_last_epoch_on_and_recorded(data_root: Path, tmp_path: Path):
+    reports = []
+    cfg = micro_config(data_root, tmp_path / "cache", "stage1.epochs=1", "stage1.min_steps=40", "stage2.epochs=2",
+                       "checkpoint.every=0", method="clipreid")
+    res = train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: reports.append(m), evaluate_test=False)
+    s1 = [m for m in reports if m["stage"] == 1]
+    assert len(s1) > 1 and all(math.isnan(m["stage1_loss_slope"]) for m in s1[:-1])
+    slope = s1[-1]["stage1_loss_slope"]
+    assert math.isfinite(slope) and all(m["stage1_loss_slope"] == slope for m in reports[len(s1) - 1:])
+    assert res.stage1_loss_slope == slope and res.stage1_plateau == (slope > -PLATEAU_TOLERANCE)
+    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert on_disk["stage1_plateau"] is res.stage1_plateau and on_disk["stage1_loss_slope"] == slope
+
+
+def test_train_on_val_trains_on_train_and_validation_identities_and_scores_no_validation(data_root: Path,
+                                                                                        tmp_path: Path):
+    """A final run on train + validation identities: the test identities stay out, and validation,
+    now trained on, is not scored (NaN), while test is."""
+    reports = []
+    cfg = micro_config(data_root, tmp_path / "cache", "data.train_on_val=true", "stage1.epochs=1", "stage2.epochs=1",
+                       method="clipreid")
+    res = train(cfg, workdir=tmp_path / "run", report=lambda m, checkpoint=None: reports.append(m))
+    split = read_split(tmp_path / "run" / "split.csv")
+    ids = lambda *parts: set(split.table.filter(pl.col("split").is_in(parts))["identity"].to_list())
+    trained = torch.load(res.checkpoint, weights_only=True)["identities"]
+    assert set(trained) == ids("train", "val_query", "val_gallery") and not set(trained) & ids("query", "gallery")
+    assert len(trained) == len(ids("train")) + len(ids("val_query", "val_gallery")) > len(ids("train"))
+    assert res.train_on_val and json.loads((tmp_path / "run" / "result.json").read_text())["train_on_val"] is True
+    assert all(math.isnan(v) for v in res.val.values()) and set(res.val) == set(METRIC_KEYS)
+    assert all(math.isnan(m[f"val_{k}"]) for m in reports if m["stage"] == 2 for k in METRIC_KEYS)
+    assert res.test is not None and 0 < res.test["mAP"] <= 1
+    with pytest.raises(ConfigError, match="train_on_val: an open-set split"):
+        micro_config(data_root, tmp_path / "cache", "data.train_on_val=true", "data.split.unknown_fraction=0.2")
+    assert "train_on_val" not in to_dict(micro_config(data_root, tmp_path / "cache"))["data"]  # off: hashes unchanged

@@ -25,12 +25,13 @@ import torch
 from indivaid.data.catalogue import DataError, list_paths
 from indivaid.data.split import Split
 from indivaid.utils.io import atomic_write_text, file_lock, stable_hash
+# decoding lives in the torch-free field package, so ONNX Runtime inference sees the same pixels
+from indivaid_field.preprocess import LETTERBOX_FILL, load_image  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1
 ResizePolicy = Literal["stretch", "letterbox"]
-LETTERBOX_FILL = 127  # neutral grey: ~0 after normalisation with mean 0.5
 
 
 @dataclass(frozen=True)
@@ -45,31 +46,6 @@ class ImageSpec:
 def cache_key(split_hash: str, spec: ImageSpec) -> str:
     return stable_hash({"split": split_hash, "h": spec.height, "w": spec.width, "resize": spec.resize,
                         "version": PREPROCESS_VERSION})
-
-
-def load_image(path: str, bbox: Sequence[float | None], spec: ImageSpec) -> np.ndarray:
-    """Decode, crop and resize one image to ``3 x H x W`` uint8 (bicubic, as the references)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        if bbox[0] is None:
-            # JPEG draft mode decodes at a reduced scale that is still >= 2x the target size.
-            img.draft("RGB", (spec.width * 2, spec.height * 2))
-        img = img.convert("RGB")
-        if bbox[0] is not None:
-            x, y, w, h = (float(v) for v in bbox)  # type: ignore[arg-type]
-            img = img.crop((round(x), round(y), round(x + w), round(y + h)))
-        if spec.resize == "stretch":
-            img = img.resize((spec.width, spec.height), Image.Resampling.BICUBIC)
-            arr = np.asarray(img)
-        else:
-            scale = min(spec.width / img.width, spec.height / img.height)
-            w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-            small = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC))
-            arr = np.full((spec.height, spec.width, 3), LETTERBOX_FILL, np.uint8)
-            top, left = (spec.height - h) // 2, (spec.width - w) // 2
-            arr[top : top + h, left : left + w] = small
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 class ImageCache:

@@ -40,6 +40,15 @@ Protocol = Literal["market1501", "none", "leave_one_out"]
 """
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
+#: The CMC ranks every run reports.
+CMC_RANKS: tuple[int, ...] = (1, 5, 10)
+#: The ranking metric keys of every result (``RankMetrics.as_dict``), in the order re-ID papers print them.
+METRIC_KEYS: tuple[str, ...] = (*(f"rank{k}" for k in CMC_RANKS), "mAP", "mINP")
+#: The same keys as a training run reports its validation scores.
+VAL_METRIC_KEYS: tuple[str, ...] = tuple(f"val_{k}" for k in METRIC_KEYS)
+#: Column headings of the metric keys in tables.
+METRIC_LABELS: dict[str, str] = {**{f"rank{k}": f"Rank-{k}" for k in CMC_RANKS}, "mAP": "mAP", "mINP": "mINP"}
+
 _Backend = Literal["auto", "bucket", "search", "sort"]
 _INT64_MAX = torch.iinfo(torch.int64).max
 # The bucket ranker resolves ties inside buckets by sorting the items that share a bucket with a
@@ -67,6 +76,10 @@ class RankMetrics:
     num_valid_queries: int
     num_skipped_queries: int
 
+    def scores(self) -> tuple[float, ...]:
+        """The scores in :data:`METRIC_KEYS` order."""
+        return (*(self.cmc[k] for k in CMC_RANKS), self.mAP, self.mINP)
+
     def as_dict(self) -> dict[str, float | int]:
         """Flat mapping (``rank1``, ``rank5``, ..., ``mAP``, ``mINP``, counts) for logging."""
         out: dict[str, float | int] = {f"rank{k}": v for k, v in self.cmc.items()}
@@ -75,6 +88,12 @@ class RankMetrics:
         out["num_valid_queries"] = self.num_valid_queries
         out["num_skipped_queries"] = self.num_skipped_queries
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> RankMetrics:
+        """The inverse of :meth:`as_dict` (e.g. a ``result.json`` score)."""
+        return cls({k: d[f"rank{k}"] for k in CMC_RANKS}, d["mAP"], d["mINP"], int(d["num_valid_queries"]),
+                   int(d["num_skipped_queries"]))
 
 
 def rank_metrics(
@@ -85,7 +104,7 @@ def rank_metrics(
     gallery_cams: Tensor | None,
     *,
     protocol: str,
-    ranks: Sequence[int] = (1, 5, 10),
+    ranks: Sequence[int] = CMC_RANKS,
     chunk_size: int = 1024,
 ) -> RankMetrics:
     """Compute CMC@ranks, mAP and mINP from a ``(Q, G)`` distance matrix (smaller = closer).

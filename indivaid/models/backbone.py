@@ -275,8 +275,15 @@ def resize_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int
 
 
 def output_grid(size: tuple[int, int], patch: int, stride: int) -> tuple[int, int]:
-    """Patch-token grid (rows, columns) of an input of ``size`` cut into ``patch`` squares every ``stride``."""
+    """Patch-token grid (rows, columns) of an input of ``size`` cut into ``patch`` squares every ``stride``:
+    the one place this formula lives (the model, the throughput estimate)."""
     return (size[0] - patch) // stride + 1, (size[1] - patch) // stride + 1
+
+
+def patch_grid(backbone: str, input_size: tuple[int, int], stride: int | None = None) -> tuple[int, int]:
+    """The patch-token grid of a registered backbone at ``input_size`` (``stride`` None: its patch size)."""
+    patch = patch_size(backbone)
+    return output_grid(tuple(input_size), patch, patch if stride is None else stride)
 
 
 def build_clip(backbone: str, pretrained: str | None, input_size: tuple[int, int], stride: int | None = None,

@@ -95,7 +95,7 @@ class IdentityText(FusionModule):
 class AttentionFusion(FusionModule):
     """Mean-query multi-head attention over the descriptions, added to the mean (starts at the mean)."""
 
-    keys = ("heads", "lr_factor")
+    keys = ("heads", "lr")
 
     def __init__(self, dim: int, cfg: FusionConfig) -> None:
         super().__init__(dim, cfg)
@@ -115,6 +115,18 @@ class AttentionFusion(FusionModule):
         with torch.autocast(desc.device.type, enabled=False):
             out, _ = self.attn(mean.unsqueeze(1), desc, desc, key_padding_mask=~mask, need_weights=False)
         return mean + out.squeeze(1)
+
+
+@torch.no_grad()
+def departure_from_mean(fusion: FusionModule, desc: Tensor, mask: Tensor) -> float:
+    """Mean over identities of ||T - mean|| / ||mean||: how far a fusion has moved its identity
+    descriptions T away from the plain mean of their image-specific descriptions (0 at the start,
+    by construction of ``attention``). NaN for a fusion without weights: it cannot move."""
+    if not any(p.requires_grad for p in fusion.parameters()):
+        return float("nan")
+    mean = masked_mean(desc, mask)
+    rel = (fusion(desc, mask) - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)
+    return float(rel.mean())
 
 
 def build_fusion(name: str, dim: int, cfg: FusionConfig) -> FusionModule:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -31,6 +31,14 @@ class DataConfig:
     resize: Literal["stretch", "letterbox"] = "stretch"
     cache_dir: str | None = None  # image + feature caches; default <data_root>/cache, shared between runs
     workers: int = field(default=8, metadata={"ge": 1})
+    # Train on the training and the validation identities (the paper's protocol for closed-set final
+    # runs, whose config and epoch count a search already fixed); validation is then not scored.
+    train_on_val: bool = field(default=False, metadata={"omit_default": True})
+
+    def __post_init__(self) -> None:
+        if self.train_on_val and self.split.unknown_fraction > 0:
+            raise ValueError("train_on_val: an open-set split (split.unknown_fraction > 0) calibrates its decision "
+                             "threshold on validation identities, which must stay out of training; turn one of them off")
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,13 @@ class PromptConfig:
 @dataclass(frozen=True)
 class FusionConfig:
     heads: int = field(default=8, metadata={"ge": 1})
-    lr_factor: float = field(default=0.1, metadata={"gt": 0})  # fusion lr = stage2.lr * lr_factor
+    # The fusion module's own (absolute) stage-2 learning rate, warm-up and milestones included:
+    # it starts at the mean and must move away from it (docs/method.md section 4, the study).
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+
+    #: Keys that were renamed: the loader names the new key instead of only "unknown key".
+    renamed: ClassVar[dict[str, str]] = {
+        "lr_factor": "lr, an absolute learning rate, no longer a factor of stage2.lr"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from indivaid.methods import METHODS
-        from indivaid.models.backbone import BACKBONES, model_config
+        from indivaid.models.backbone import BACKBONES, model_config, patch_size
         from indivaid.models.fusion import FUSIONS
 
         if self.method not in METHODS:
@@ -155,12 +169,12 @@ class TrainConfig:
         if self.model.backbone not in BACKBONES:
             raise ValueError(f"model.backbone: unknown {self.model.backbone!r}"
                              f"{did_you_mean(self.model.backbone, BACKBONES.names())}")
-        arch = model_config(BACKBONES.get(self.model.backbone))
         # frozen: set the resolved stride the way dataclasses' own __init__ does
-        object.__setattr__(self, "model", with_stride(self.model, int(arch["vision_cfg"]["patch_size"])))
+        object.__setattr__(self, "model", with_stride(self.model, patch_size(self.model.backbone)))
         method = METHODS.get(self.method)
         if method.train:
-            FUSIONS.get(method.fusion).check(self.fusion, int(arch["embed_dim"]))
+            embed_dim = int(model_config(BACKBONES.get(self.model.backbone))["embed_dim"])
+            FUSIONS.get(method.fusion).check(self.fusion, embed_dim)
             check_milestones(self.stage2)
 
 

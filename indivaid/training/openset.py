@@ -23,7 +23,7 @@ from indivaid.eval.retrieval import match_retrieval
 if TYPE_CHECKING:
     from indivaid.data.split import Split
     from indivaid.training.config import TrainConfig
-    from indivaid.training.trainer import Run
+    from indivaid.training.run import Run
 
 log = logging.getLogger(__name__)
 

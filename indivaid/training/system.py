@@ -16,6 +16,14 @@ from indivaid.models.prompt import PromptLearner
 from indivaid.training.config import TrainConfig
 
 
+def _build_fusion_aside(name: str, dim: int, cfg: TrainConfig) -> nn.Module:
+    """The fusion module, initialised on a fork of the RNG: the modules built after it (the head)
+    start the same whatever the fusion, so IndivAID and its fusion ablations with one seed differ
+    only by their fusion (a paired comparison; docs/method.md section 4)."""
+    with torch.random.fork_rng(devices=[]):
+        return build_fusion(name, dim, cfg.fusion)
+
+
 class ReIDSystem(nn.Module):
     def __init__(self, cfg: TrainConfig, method: MethodSpec, num_ids: int, num_cameras: int, species: str,
                  cache_dir: str | None = None) -> None:
@@ -32,7 +40,7 @@ class ReIDSystem(nn.Module):
         self.prompt = PromptLearner(self.text, num_ids, species, n_ctx=cfg.prompt.n_ctx, template=cfg.prompt.template,
                                     meta_net=method.meta_net, embed_dim=self.image.embed_dim,
                                     init_std=cfg.prompt.init_std) if method.train else None
-        self.fusion = build_fusion(method.fusion, self.image.embed_dim, cfg.fusion) if method.train else None
+        self.fusion = _build_fusion_aside(method.fusion, self.image.embed_dim, cfg) if method.train else None
         self.head = ReIDHead(self.image.width, self.image.embed_dim, num_ids) if method.train else None
         self.quick_gelu = bool(clip.uses_quick_gelu)
 

@@ -21,10 +21,9 @@ from indivaid.data.catalogue import Catalogue, DataError
 from indivaid.eval.metrics import PROTOCOLS
 from indivaid.registry import Registry, did_you_mean
 from indivaid.utils.io import data_root as resolve_data_root
+from indivaid_field.preprocess import IMAGE_SUFFIXES, find_images  # noqa: F401 (shared with the field package)
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -96,11 +95,6 @@ def source_name(path: Path) -> str:
     if not name or name.startswith("."):
         raise DataError(f"{path}: cannot name a dataset after it; give it a name with -o name=NAME")
     return name
-
-
-def find_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted for determinism."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 AdapterFactory = Callable[..., DatasetAdapter]
