@@ -532,3 +532,29 @@ def test_default_reads_results_in_the_working_directory(tmp_path: Path, monkeypa
     assert code == 0 and not out and "Leaderboard" in text and "CLIP-ReID" in text and "\x1b[" not in text
     assert {p.name for p in (tmp_path / "results").glob("leaderboard*")} == {
         "leaderboard.md", "leaderboard.csv", "leaderboard-mAP.png", "leaderboard-parallel.png"}  # too few for importance
+
+
+def test_open_set_scores_get_their_own_delta_and_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """An open-set sweep: GM/BAKS/BAUS/AUROC as mean ± std in percent, GM tested against CLIP-ReID like
+    mAP (5 paired seeds, every difference positive: p at its floor); closed-set boards hide the columns."""
+    rows = []
+    for s, (c, i) in enumerate([(0.40, 0.50), (0.42, 0.51), (0.41, 0.52), (0.43, 0.55), (0.44, 0.52)]):
+        for method, gm in (("clipreid", c), ("indivaid", i)):
+            rows.append(trial("lion", method, "final", seed=s, test=0.5, test_GM=gm, test_BAKS=gm + 0.1,
+                              test_BAUS=gm - 0.1, test_AUROC=0.8, test_threshold=0.3))
+    write_sweep(tmp_path / "open", "open", rows)
+    board = board_of(tmp_path / "open")
+    ind, ref = row(board, "lion", "indivaid"), row(board, "lion", "clipreid")
+    assert ind["GM_mean"] == pytest.approx(52.0) and ref["GM_mean"] == pytest.approx(42.0)
+    assert ind["BAKS_mean"] == pytest.approx(62.0) and ind["AUROC_mean"] == pytest.approx(80.0)
+    assert ind["delta_GM"] == pytest.approx(10.0) and ind["n_pairs_GM"] == 5
+    assert ind["p_GM"] == pytest.approx(P_FLOOR) and ind["test_GM"] == "*"
+    assert ref["test_GM"] == "ref"
+    assert ind["delta"] == pytest.approx(0.0) and ind["test"] == "n.s."  # the chosen metric (mAP) is unchanged
+    code, out, _ = run_main([str(tmp_path / "open"), "--format", "markdown", "--no-report"], capsys)
+    assert code == 0 and "| GM |" in out and "Δ GM vs CLIP-ReID (pp)" in out and "+10.0 *" in out and "BAUS" in out
+    code, out, _ = run_main([str(tmp_path / "open"), "--metric", "GM", "--format", "csv", "--no-report"], capsys)
+    assert code == 0 and "GM_mean" in out.splitlines()[0]
+    write_sweep(tmp_path / "closed", "closed", golden_rows())
+    code, out, _ = run_main([str(tmp_path / "closed"), "--format", "markdown", "--no-report"], capsys)
+    assert code == 0 and "| GM |" not in out and "BAKS" not in out

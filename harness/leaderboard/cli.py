@@ -25,7 +25,7 @@ from pathlib import Path
 
 import polars as pl
 
-from harness.leaderboard.common import ALPHA, LABELS, METRICS, MIN_PAIRS, N_BOOT, RNG_SEED, LeaderboardError
+from harness.leaderboard.common import ALL_METRICS, ALPHA, LABELS, MIN_PAIRS, N_BOOT, RNG_SEED, LeaderboardError
 from harness.leaderboard.load import load_results, select_newest
 from harness.leaderboard.plots import render_plots
 from harness.leaderboard.published import load_published, published_rows
@@ -47,7 +47,7 @@ def report_dir(dirs: Sequence[Path], given: bool) -> Path:
 
 def _metric_arg(text: str) -> str:
     norm = text.replace("-", "").replace("_", "").lower()
-    for m in METRICS:
+    for m in ALL_METRICS:
         if norm in (m.lower(), LABELS[m].replace("-", "").lower(), m.lower().replace("rank", "r")):
             return m
     raise argparse.ArgumentTypeError(f"unknown metric {text!r} (choose from {', '.join(LABELS.values())})")
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what to print or write to --out (default: a rich table)")
     ap.add_argument("--out", type=Path, metavar="PATH", help="write --format to PATH instead of printing it")
     ap.add_argument("--metric", type=_metric_arg, default="mAP",
-                    help="metric for Δ, its test and the bar plot: mAP (default), mINP, Rank-1, Rank-5, Rank-10")
+                    help="metric for Δ, its test and the bar plot: mAP (default), mINP, Rank-1, Rank-5, Rank-10; "
+                         "open-set sweeps also GM, BAKS, BAUS, AUROC (GM always gets its own Δ column)")
     ap.add_argument("--all", action="store_true",
                     help="keep every sweep as its own rows (labelled by sweep id) instead of the newest per "
                          "dataset x method")

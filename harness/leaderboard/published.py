@@ -33,16 +33,10 @@ def published_rows(published: pl.DataFrame, datasets: Sequence[str], which: str 
                           pl.col("like_for_like").fill_null("?"),
                           pl.when(pl.col("note").is_not_null()).then(pl.concat_str([pl.lit("; "), pl.col("note")]))
                           .otherwise(pl.lit(""))])
-    return rows.select(
-        pl.lit("published").alias("kind"), pl.lit("").alias("_scope"), pl.lit(None, pl.String).alias("sweep_id"),
-        "dataset", "method", pl.lit("published").alias("source"), "protocol", pl.lit(None, pl.Int64).alias("n"),
-        *[x for m in METRICS for x in (pl.col(m).alias(f"{m}_mean"), pl.lit(None, pl.Float64).alias(f"{m}_std"))],
-        pl.lit(None, pl.String).alias("metric"), pl.lit(None, pl.Float64).alias("delta"),
-        pl.lit(None, pl.Int64).alias("n_pairs"), pl.lit(None, pl.Float64).alias("p"),
-        pl.lit(None, pl.Float64).alias("p_holm"), pl.lit(None, pl.Boolean).alias("significant"),
-        pl.lit(None, pl.String).alias("test"), pl.lit(None, pl.String).alias("best_config"),
-        *[pl.lit(None, pl.Int64).alias(c) for c in ("trials", "errors", "stopped")],
-        *[pl.lit(None, pl.Float64).alias(c) for c in ("gpu_hours", "images_per_s")],
-        "citation", note.alias("note"),
+    given = {"kind": pl.lit("published"), "_scope": pl.lit(""), "dataset": pl.col("dataset"),
+             "method": pl.col("method"), "source": pl.lit("published"), "protocol": pl.col("protocol"),
+             **{f"{m}_mean": pl.col(m) for m in METRICS}, "citation": pl.col("citation"), "note": note}
+    return rows.select(  # every board column: the published numbers, nulls elsewhere (no std, no test)
+        *[given.get(c, pl.lit(None)).cast(t).alias(c) for c, t in BOARD_SCHEMA.items()],
     ).sort("dataset", method_rank())
 

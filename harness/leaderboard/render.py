@@ -16,8 +16,10 @@ from typing import Any
 
 import polars as pl
 
-from harness.leaderboard.common import (ALPHA, DASH, FALLBACK_MARK, LABELS, METRICS, MIN_PAIRS, N_BOOT, RNG_SEED,
-                                        SOURCE_TEST, SOURCE_VAL, label_dataset, label_method, num)
+from harness.leaderboard.common import (ALPHA, DASH, FALLBACK_MARK, LABELS, METRICS, MIN_PAIRS, N_BOOT, OPENSET_DELTA,
+                                        OPENSET_METRICS, RNG_SEED, SOURCE_TEST, SOURCE_VAL, label_dataset,
+                                        label_method, num)
+from harness.leaderboard.stats import OPENSET_SUFFIX, has_openset
 
 
 def fmt_metric(mean: Any, std: Any) -> str:
@@ -40,11 +42,26 @@ def fmt_delta(delta: Any, test: str | None) -> str:
     return f"{delta:+.1f}" + (f" {test}" if test in ("*", "n.s.", "n/a") else "")
 
 
+def shown_metrics(board: pl.DataFrame) -> tuple[str, ...]:
+    """The closed-set metrics, and the open-set ones where any run has them."""
+    return METRICS + (OPENSET_METRICS if has_openset(board) else ())
+
+
+def second_delta(board: pl.DataFrame) -> bool:
+    """Whether the table shows the open-set score's own Δ column beside the chosen metric's."""
+    metric = board["metric"].drop_nulls().first() or "mAP"
+    return has_openset(board) and metric != OPENSET_DELTA
+
+
 def display_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list[list[str]]]:
     """Header and string cells of the results table, shared by the markdown, rich and HTML renderers."""
     metric = board["metric"].drop_nulls().first() or "mAP"
-    header = ["Dataset", "Method", "Source", "n", *(LABELS[m] for m in METRICS),
-              f"Δ {LABELS[metric]} vs CLIP-ReID (pp)", "p (Holm)", "Best config", "Trials", "Errors", "GPU-h", "img/s"]
+    shown, second = shown_metrics(board), second_delta(board)
+    x = OPENSET_SUFFIX
+    header = ["Dataset", "Method", "Source", "n", *(LABELS[m] for m in shown),
+              f"Δ {LABELS[metric]} vs CLIP-ReID (pp)", "p (Holm)",
+              *([f"Δ {LABELS[OPENSET_DELTA]} vs CLIP-ReID (pp)", f"p (Holm) {LABELS[OPENSET_DELTA]}"] if second else []),
+              "Best config", "Trials", "Errors", "GPU-h", "img/s"]
     if with_sweep:
         header.insert(0, "Sweep")
     rows = []
@@ -55,8 +72,10 @@ def display_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list
         cells = [
             "mean" if mean else label_dataset(r["dataset"]), method, r["source"] or DASH,
             DASH if r["n"] is None else str(r["n"]),
-            *(fmt_metric(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS),
+            *(fmt_metric(r[f"{m}_mean"], r[f"{m}_std"]) for m in shown),
             "ref" if r["test"] == "ref" else fmt_delta(r["delta"], r["test"]), fmt_p(r["p_holm"]),
+            *(["ref" if r[f"test{x}"] == "ref" else fmt_delta(r[f"delta{x}"], r[f"test{x}"]), fmt_p(r[f"p_holm{x}"])]
+              if second else []),
             r["best_config"] or DASH,
             DASH if mean or r["trials"] is None else str(r["trials"]),
             DASH if mean or r["errors"] is None else str(r["errors"]),
@@ -85,9 +104,16 @@ def published_display_rows(published: pl.DataFrame) -> tuple[list[str], list[lis
     return header, rows
 
 
-def legend_lines(metric: str) -> list[str]:
+def legend_lines(metric: str, openset: bool = False) -> list[str]:
     """What the marks, n and the statistics mean (markdown; the HTML and rich renderers reuse it)."""
     lab = LABELS[metric]
+    extra = [
+        "Open set (runs whose splits hold out unknown individuals): BAKS = balanced accuracy on known "
+        "individuals (top-1 right and accepted as known), BAUS = balanced accuracy on unknown ones (rejected "
+        "as new), both averaged per individual at the KNOWN/NEW threshold calibrated on validation; GM = "
+        "sqrt(BAKS · BAUS), AnimalCLEF 2025's ranking score; AUROC of known vs new from the top-1 distance. "
+        f"Δ {LABELS[OPENSET_DELTA]} is tested like {lab}.",
+    ] if openset else []
     few, more = (math.comb(2 * n - 1, n) for n in (MIN_PAIRS - 2, MIN_PAIRS - 1))  # distinct resamples of n pairs
     return [
         "Metrics: percent; mean ± sample std (ddof = 1) over the final runs, i.e. the best searched config "
@@ -114,6 +140,7 @@ def legend_lines(metric: str) -> list[str]:
         "that report it.",
         "Published: numbers from the papers (harness/published.csv), context only: other splits and, for "
         "Stoat, a protocol that counts the self-match. Unknown cells are left empty, never derived.",
+        *extra,
     ]
 
 
@@ -143,7 +170,7 @@ def render_markdown(board: pl.DataFrame, published: pl.DataFrame | None = None, 
     if line:
         out += [line, ""]
     out += [_md_table(*display_rows(board, with_sweep)), ""]
-    out += [f"- {x}" for x in legend_lines(metric)] + [""]
+    out += [f"- {x}" for x in legend_lines(metric, has_openset(board))] + [""]
     if published is not None and published.height:
         out += ["## Published numbers (context, not like-for-like)", "",
                 _md_table(*published_display_rows(published)), ""]
@@ -173,7 +200,7 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
     src = header.index("Source")
     short = {SOURCE_TEST: "test", SOURCE_VAL: "val"}
     records = list(board.iter_rows(named=True))
-    metric_idx = [header.index(LABELS[m]) for m in METRICS]
+    metric_idx = [header.index(LABELS[m]) for m in shown_metrics(board)]
     for r, cells in zip(records, rows):
         cells[src] = short.get(r["source"], cells[src].replace(" datasets (test)", "").replace(" dataset (test)", ""))
         for i in metric_idx:
@@ -182,7 +209,7 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
     cost_cols = ["Best config", "Trials", "Errors", "GPU-h", "img/s"]
     metric_cols = [h for h in header if h not in cost_cols]
     groups = [header] if width >= 220 else [metric_cols, key_cols + cost_cols]
-    numeric = {"n", *(LABELS[m] for m in METRICS), "Trials", "Errors", "GPU-h", "img/s", "p (Holm)"}
+    numeric = {"n", *(LABELS[m] for m in shown_metrics(board)), "Trials", "Errors", "GPU-h", "img/s"}
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=tty)
     for k, cols in enumerate(groups):
@@ -192,9 +219,9 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
         idx = [header.index(h) for h in cols]
         for i in idx:
             h = header[i]
-            num = h in numeric or h.startswith("Δ")
+            num = h in numeric or h.startswith(("Δ", "p (Holm)"))
             longest = max([len(c[i]) for c in rows] + [len(h)])
-            table.add_column(f"Δ {LABELS[metric]}" if h.startswith("Δ") else h, justify="right" if num else "left",
+            table.add_column(h.split(" vs ")[0] if h.startswith("Δ") else h, justify="right" if num else "left",
                              no_wrap=num, overflow="fold", min_width=min(longest, 24) if not num else None,
                              max_width=44 if h == "Best config" and not natural else None)
         for r, cells in zip(records, rows):
@@ -254,7 +281,7 @@ def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, swee
     if line:
         parts.append(f"<p>{html.escape(line.replace('`', ''))}</p>")
     parts.append(table(header, rows, classes))
-    items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric))
+    items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric, has_openset(board)))
     parts.append(f"<ul>{items}</ul>")
     if published is not None and published.height:
         parts += ["<h2>Published numbers (context, not like-for-like)</h2>", table(*published_display_rows(published))]

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from harness.leaderboard.common import (ALPHA, METRICS, MIN_PAIRS, N_BOOT, REFERENCE, RNG_SEED, SOURCE_TEST,
-                                        SOURCE_VAL, UNTRAINED, LeaderboardError, fmt_value, method_rank)
+from harness.leaderboard.common import (ALL_METRICS, ALPHA, MIN_PAIRS, N_BOOT, OPENSET_DELTA, OPENSET_METRICS,
+                                        REFERENCE, RNG_SEED, SOURCE_TEST, SOURCE_VAL, UNTRAINED, LeaderboardError,
+                                        fmt_value, method_rank)
 from harness.leaderboard.load import with_scope
 from harness.results import param_columns
 
@@ -70,9 +71,10 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
 
     Metrics in percent, Δ in percentage points, p-values as probabilities. Every dataset x method
     pair seen in the results gets a row, empty ("—" when shown) where that method has no trials.
+    Where the runs have open-set scores, the board also tests GM against CLIP-ReID (``*_GM`` columns).
     """
-    if metric not in METRICS:
-        raise LeaderboardError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
+    if metric not in ALL_METRICS:
+        raise LeaderboardError(f"unknown metric {metric!r} (choose from {', '.join(ALL_METRICS)})")
     trials = with_scope(trials, keep_all)
     key = ["_scope", "dataset", "method"]
     params = param_columns(trials)
@@ -90,8 +92,8 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
     final = _final_runs(trials)
     fstats = final.sort("seed").group_by(key).agg(
         pl.len().alias("n_final"),
-        *[(100 * pl.col(f"test_{m}").mean()).alias(f"f_{m}_mean") for m in METRICS],
-        *[(100 * pl.col(f"test_{m}").std(ddof=1)).alias(f"f_{m}_std") for m in METRICS],
+        *[(100 * pl.col(f"test_{m}").mean()).alias(f"f_{m}_mean") for m in ALL_METRICS],
+        *[(100 * pl.col(f"test_{m}").std(ddof=1)).alias(f"f_{m}_std") for m in ALL_METRICS],
         *[pl.col(p).drop_nulls().first() for p in params],
     )
     fstats = fstats.with_columns(pl.Series("f_config", _config_strings(fstats, params), dtype=pl.String)).drop(params)
@@ -100,7 +102,7 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
                           & pl.col("best_val_mAP").is_not_nan() & pl.col("val_mAP").is_not_null())
             .sort(["best_val_mAP", "trial_id"], descending=[True, False], nulls_last=True)
             .group_by(key, maintain_order=True).first())
-    best = best.select(*key, *[(100 * pl.col(f"val_{m}")).alias(f"v_{m}") for m in METRICS],
+    best = best.select(*key, *[(100 * pl.col(f"val_{m}")).alias(f"v_{m}") for m in ALL_METRICS],
                        pl.Series("v_config", _config_strings(best, params), dtype=pl.String))
 
     has_final = pl.col("n_final").fill_null(0) > 0
@@ -109,27 +111,37 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
              .with_columns(
                  pl.when(has_final).then(pl.lit(SOURCE_TEST)).when(has_val).then(pl.lit(SOURCE_VAL)).alias("source"),
                  pl.when(has_final).then("n_final").when(has_val).then(1).alias("n"),
-                 *[pl.when(has_final).then(f"f_{m}_mean").otherwise(f"v_{m}").alias(f"{m}_mean") for m in METRICS],
-                 *[pl.when(has_final).then(f"f_{m}_std").alias(f"{m}_std") for m in METRICS],
+                 *[pl.when(has_final).then(f"f_{m}_mean").otherwise(f"v_{m}").alias(f"{m}_mean") for m in ALL_METRICS],
+                 *[pl.when(has_final).then(f"f_{m}_std").alias(f"{m}_std") for m in ALL_METRICS],
                  pl.when(has_final).then("f_config").otherwise("v_config").alias("best_config"),
                  *[pl.col(c).fill_null(0) for c in ("trials", "errors", "stopped")],
              ))
     board = _add_deltas(board, final, metric, key)
+    board = _add_deltas(board, final, OPENSET_DELTA, key, suffix=OPENSET_SUFFIX)
     board = _add_mean_rows(board, metric)
     board = board.with_columns(pl.lit(metric).alias("metric"), pl.lit(None, pl.String).alias("citation"))
     return board.select(BOARD_COLUMNS)
 
 
+OPENSET_SUFFIX = f"_{OPENSET_DELTA}"  # columns of the open-set score's own Δ and test
 BOARD_COLUMNS = [
     "kind", "_scope", "sweep_id", "dataset", "method", "source", "protocol", "n",
-    *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
-    "metric", "delta", "n_pairs", "p", "p_holm", "significant", "test", "best_config",
-    "trials", "errors", "stopped", "gpu_hours", "images_per_s", "citation", "note",
+    *[f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std")],
+    "metric", "delta", "n_pairs", "p", "p_holm", "significant", "test",
+    *[f"{c}{OPENSET_SUFFIX}" for c in ("delta", "n_pairs", "p", "p_holm", "significant", "test")],
+    "best_config", "trials", "errors", "stopped", "gpu_hours", "images_per_s", "citation", "note",
 ]
 
 
-def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list[str]) -> pl.DataFrame:
-    """Δ vs CLIP-ReID (pp), the paired bootstrap p and its Holm adjustment per method across datasets.
+def has_openset(board: pl.DataFrame) -> bool:
+    """Whether any row has open-set scores (a sweep with unknown identities in its splits)."""
+    return any(board[f"{m}_mean"].drop_nulls().len() for m in OPENSET_METRICS if f"{m}_mean" in board.columns)
+
+
+def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list[str],
+                suffix: str = "") -> pl.DataFrame:
+    """Δ vs CLIP-ReID (pp), the paired bootstrap p and its Holm adjustment per method across datasets,
+    as ``delta``, ``p``, ``p_holm``, ``test``... (each with ``suffix``; ``note`` only without one).
 
     Pairs are the seeds both ran (per-seed mean if a seed appears twice). Δ = mean paired
     difference, tested only with at least MIN_PAIRS pairs (1 to MIN_PAIRS - 1: shown, not tested);
@@ -155,12 +167,14 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
         delta, p, n, test, note = None, None, len(r["a"] or []), "n/a", None
         if r["source"] is None:
             test, note = None, "no results"
+        elif r[f"{metric}_mean"] is None:
+            test, note = None, f"no {metric}"
         elif r["method"] == REFERENCE:
             test, note = ("ref", "reference") if r["source"] == SOURCE_TEST else (None, "reference, not on test")
         elif r["source"] == SOURCE_VAL:
             note = "selected on validation: no test"
-        elif r["ref_source"] != SOURCE_TEST:
-            note = "no CLIP-ReID test runs on this dataset"
+        elif r["ref_source"] != SOURCE_TEST or r["ref_mean"] is None:
+            note = f"no CLIP-ReID test {metric} on this dataset"
         elif r["splits"] and r["ref_splits"] and r["splits"] != r["ref_splits"]:
             delta, note = r[f"{metric}_mean"] - r["ref_mean"], "different splits from CLIP-ReID's: not tested"
         elif r["method"] in UNTRAINED:
@@ -179,19 +193,22 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
         n_pairs.append(n)
         tests.append(test)
         notes.append(note)
-    board = board.with_columns(pl.Series("delta", deltas, dtype=pl.Float64), pl.Series("p", ps, dtype=pl.Float64),
-                               pl.Series("n_pairs", n_pairs, dtype=pl.Int64), pl.Series("test", tests, dtype=pl.String),
-                               pl.Series("note", notes, dtype=pl.String))
+    x = suffix
+    board = board.with_columns(pl.Series(f"delta{x}", deltas, dtype=pl.Float64), pl.Series(f"p{x}", ps, dtype=pl.Float64),
+                               pl.Series(f"n_pairs{x}", n_pairs, dtype=pl.Int64),
+                               pl.Series(f"test{x}", tests, dtype=pl.String))
+    if not suffix:
+        board = board.with_columns(pl.Series("note", notes, dtype=pl.String))
     # Holm per family: one method's tested comparisons across datasets (per sweep with --all).
-    adjusted = pl.Series("p_holm", [None] * board.height, dtype=pl.Float64)
-    tested = board.with_row_index("_i").filter(pl.col("p").is_not_null())
+    adjusted = pl.Series(f"p_holm{x}", [None] * board.height, dtype=pl.Float64)
+    tested = board.with_row_index("_i").filter(pl.col(f"p{x}").is_not_null())
     for *_, idx in tested.group_by("_scope", "method").agg("_i").iter_rows():
-        adjusted = adjusted.scatter(idx, holm(board["p"].gather(idx).to_list()))
+        adjusted = adjusted.scatter(idx, holm(board[f"p{x}"].gather(idx).to_list()))
     return board.with_columns(adjusted).with_columns(
-        pl.when(pl.col("p_holm").is_not_null()).then(pl.col("p_holm") < ALPHA).alias("significant"),
+        pl.when(pl.col(f"p_holm{x}").is_not_null()).then(pl.col(f"p_holm{x}") < ALPHA).alias(f"significant{x}"),
     ).with_columns(
-        pl.when(pl.col("significant")).then(pl.lit("*")).when(pl.col("significant").not_()).then(pl.lit("n.s."))
-        .otherwise("test").alias("test"))
+        pl.when(pl.col(f"significant{x}")).then(pl.lit("*")).when(pl.col(f"significant{x}").not_()).then(pl.lit("n.s."))
+        .otherwise(f"test{x}").alias(f"test{x}"))
 
 
 def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
@@ -204,8 +221,9 @@ def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
     means = both.join(many.select("_scope"), on="_scope", how="semi").group_by("_scope", "method").agg(
         pl.col("dataset").n_unique().alias("k"),
         pl.col("sweep_id").unique().sort().str.join(", "),
-        *[pl.col(f"{m}_mean").mean() for m in METRICS],
+        *[pl.col(f"{m}_mean").mean() for m in ALL_METRICS],
         pl.col("delta").mean(),
+        pl.col(f"delta{OPENSET_SUFFIX}").mean(),
     ).with_columns(
         pl.lit("mean").alias("dataset"),
         pl.format("mean of {} dataset{} (test)", "k", pl.when(pl.col("k") == 1).then(pl.lit("")).otherwise(pl.lit("s")))
@@ -221,9 +239,12 @@ def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
 BOARD_SCHEMA: dict[str, Any] = {
     "kind": pl.String, "_scope": pl.String, "sweep_id": pl.String, "dataset": pl.String, "method": pl.String,
     "source": pl.String, "protocol": pl.String, "n": pl.Int64,
-    **{f"{m}_{s}": pl.Float64 for m in METRICS for s in ("mean", "std")},
-    "metric": pl.String, "delta": pl.Float64, "n_pairs": pl.Int64, "p": pl.Float64, "p_holm": pl.Float64,
-    "significant": pl.Boolean, "test": pl.String, "best_config": pl.String, "trials": pl.Int64, "errors": pl.Int64,
+    **{f"{m}_{s}": pl.Float64 for m in ALL_METRICS for s in ("mean", "std")},
+    "metric": pl.String,
+    **{f"{c}{x}": t for x in ("", OPENSET_SUFFIX) for c, t in (
+        ("delta", pl.Float64), ("n_pairs", pl.Int64), ("p", pl.Float64), ("p_holm", pl.Float64),
+        ("significant", pl.Boolean), ("test", pl.String))},
+    "best_config": pl.String, "trials": pl.Int64, "errors": pl.Int64,
     "stopped": pl.Int64, "gpu_hours": pl.Float64, "images_per_s": pl.Float64, "citation": pl.String, "note": pl.String,
 }
 
