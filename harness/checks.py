@@ -113,11 +113,14 @@ def _resource_problems(sweep: SweepConfig, d: str, cluster_gpus: float | None,
     if res.gpus > 0 and not res.use_gpu:
         out.append(Problem(d, f"{key}.use_gpu", f"false with gpus: {res.gpus:g}: Ray would reserve GPUs the trainer "
                            "never uses; set use_gpu: true, or gpus: 0 for a CPU sweep"))
+    if res.gpus > 1 and res.gpus != int(res.gpus):
+        out.append(Problem(d, f"{key}.gpus", f"{res.gpus:g}: Ray gives a task a fraction of one GPU (e.g. 0.5: two "
+                           "trials share a GPU) or whole GPUs, not a mix; use a whole number, or workers for more GPUs"))
     need = gpus_per_trial(sweep, d)
     if cluster_gpus is not None and need > cluster_gpus:
         out.append(Problem(d, key, f"one trial needs {need:g} GPUs, the cluster has {cluster_gpus:g}: it could never "
                            "start; lower workers/gpus or add GPU nodes"))
-    cpus = res.cpus * max(1, res.workers) + (0.01 if res.workers > 1 else 0)  # + the Train run's driving trial
+    cpus = res.cpus * max(1, res.workers)  # a Train run's driving trial holds no CPU (harness.tuning)
     if cluster_cpus is not None and cpus > cluster_cpus:
         out.append(Problem(d, key, f"one trial needs {cpus:g} CPUs, the cluster has {cluster_cpus:g}: it could never "
                            "start; lower cpus/workers"))

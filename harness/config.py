@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -20,6 +20,9 @@ from indivaid.models.fusion import fusion_reads
 from indivaid.registry import did_you_mean
 from indivaid.training.config import TrainConfig, merge, resolve
 from indivaid.utils.io import data_root as default_data_root
+
+if TYPE_CHECKING:
+    from harness.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,40 @@ class CheckpointPolicy:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow tracking of every trial: Ray Tune's MLflowLoggerCallback records each trial as a run
+    (its searched parameters and every per-epoch report), and the trial itself adds its final
+    ``model.pt`` to the same run as an artefact (the callback's own artefact upload would send the
+    Tune process's staging folder, not the model)."""
+
+    tracking_uri: str  # http://HOST:5000 (mlflow server), sqlite:///abs/path/mlflow.db, databricks, ...
+    experiment: str | None = None  # default: the sweep's name
+    artifact_location: str | None = None  # where a new experiment keeps artefacts (default: the tracking store's)
+    log_model: bool = True  # the trial logs its final model.pt as an artefact
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking beside Tune's own TensorBoard files (``tensorboard --logdir <storage>``)."""
+
+    mlflow: MlflowConfig | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How the sweep uses a Ray cluster.
+
+    ``coordinator_resource``: the custom resource of the nodes that may run coordinators (the
+    tasks that drive the searches and the trials that only drive a Ray Train run); a cluster that
+    declares none runs them on the head node, where the driver runs, so that losing a GPU or spot
+    node never ends a search. ``runtime_env``: Ray's runtime environment for the sweep's job, for
+    clusters whose nodes do not have this package installed (``working_dir`` or ``py_modules``)."""
+
+    coordinator_resource: str = "coordinator"
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FinalConfig:
     seeds: int = field(default=5, metadata={"ge": 0})  # re-runs of each best config, scored on test
     dataset_seeds: dict[str, int] = field(default_factory=dict)  # per-dataset override of seeds
@@ -105,7 +142,9 @@ class SweepConfig:
     name: str
     datasets: list[str]
     methods: list[str] = field(default_factory=lambda: ["indivaid", "clipreid", "zeroshot"])
-    storage: str | None = None  # default results/<name>
+    storage: str | None = None  # default results/<name>; a local path or a URI (s3://, gs://, file://)
+    cache_dir: str | None = None  # image/feature caches, a file path: default <storage>/cache, or for a URI storage
+    #                               ~/.cache/indivaid/sweeps/<name> on each node
     data_root: str | None = None  # default $INDIVAID_DATA, then data/
     base: dict[str, Any] = field(default_factory=dict)  # trainer config (may name a preset)
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)  # trainer overrides per dataset
@@ -118,6 +157,8 @@ class SweepConfig:
     max_failures: int = field(default=1, metadata={"ge": 0})  # Tune restarts of a failed trial (the only retry layer)
     trial_timeout_minutes: float | None = field(default=None, metadata={"gt": 0})  # a longer trial is stopped: `timeout`
     checkpoint_policy: CheckpointPolicy = CheckpointPolicy()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
     rehearsal: bool = False  # set by --rehearse: results are labelled and never mixed with real ones
 
     def __post_init__(self) -> None:
@@ -148,8 +189,34 @@ class SweepConfig:
             raise ValueError(f"dataset_resources.{dataset}.{e}") from None
 
     @property
+    def storage_uri(self) -> str:
+        """Where the results go: an absolute local path, or the URI as given."""
+        from harness.storage import normalize
+
+        return normalize(self.storage or f"results/{self.name}")
+
+    @property
+    def store(self) -> Storage:
+        """The results storage (harness.storage): every result is read and written through it."""
+        from harness.storage import open_storage
+
+        return open_storage(self.storage_uri)
+
+    @property
     def storage_path(self) -> Path:
-        return Path(self.storage or f"results/{self.name}").expanduser().resolve()
+        """The results folder of a sweep whose storage is a local path (or ``file://``)."""
+        return self.store.local_path()
+
+    @property
+    def cache_path(self) -> Path:
+        """The image and frozen-feature caches: a file path on every node (caches are memory-mapped
+        and locked, which object stores cannot do). Beside the results on a local storage; else in
+        each node's ``~/.cache`` (one build per node), unless ``cache_dir`` names a shared folder."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser().resolve()
+        if self.store.local:
+            return self.storage_path / "cache"
+        return Path("~/.cache/indivaid/sweeps").expanduser() / self.name
 
     @property
     def data_path(self) -> Path:
@@ -168,7 +235,7 @@ def applies(key: str, method: MethodSpec) -> bool:
 
 def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str, Any], seed: int | None = None) -> TrainConfig:
     """The trainer config of one trial: base, dataset, method, searched values, seed."""
-    data = {"dataset": dataset, "data_root": str(sweep.data_path), "cache_dir": str(sweep.storage_path / "cache")}
+    data = {"dataset": dataset, "data_root": str(sweep.data_path), "cache_dir": str(sweep.cache_path)}
     base = merge(apply_overrides(sweep.base, []), sweep.per_dataset.get(dataset, {}))
     base = merge(base, {"data": data, "method": method})
     overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in params.items()]

@@ -20,14 +20,13 @@ from harness.checks import gpus_per_trial, validate
 from harness.config import SweepConfig, trial_config
 from harness.plan import Experiment, missing_datasets, plan
 from harness.progress import SweepProgress, start_board
-from harness.results import FINISHED, best_search_trials, collect, write_results
+from harness.results import FINISHED, TRIALS_FILE, best_search_trials, collect, read_table, write_results
 from harness.telemetry import sweep_metrics
 from harness.ui import console
 from indivaid.config import ConfigError, to_dict
 from indivaid.data.catalogue import DataError
 from indivaid.methods import METHODS
 from indivaid.utils.console import Live
-from indivaid.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,13 @@ class SweepInterrupted(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def init_ray(address: str | None, storage: Path, declare: dict[str, Any] | None = None) -> None:
-    """Join ``address`` or start a local Ray (with ``declare``d logical resources: a rehearsal's GPUs)."""
+def init_ray(address: str | None, declare: dict[str, Any] | None = None,
+             runtime_env: dict[str, Any] | None = None) -> None:
+    """Join ``address`` or start a local Ray (with ``declare``d logical resources: a rehearsal's GPUs).
+
+    ``runtime_env`` is Ray's runtime environment for the sweep's job: ``working_dir`` or
+    ``py_modules`` ship this package to nodes that do not have it installed (Ray uploads it once
+    and every worker imports it from there)."""
     import ray
 
     from harness.dashboard import print_dashboard
@@ -60,13 +64,16 @@ def init_ray(address: str | None, storage: Path, declare: dict[str, Any] | None 
         os.environ.setdefault(k, v)  # a local Ray's workers inherit this process's environment
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console boxes would fight the live table
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # full logs stay in Ray's session folder
+    env = dict(runtime_env or {})
     if address:  # the cluster's workers do not inherit this process's environment
-        env = {k: os.environ[k] for k in (*RAY_WORKER_ENV, "INDIVAID_DATA") if k in os.environ}
-        ctx = ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
+        forward = {k: os.environ[k] for k in (*RAY_WORKER_ENV, "INDIVAID_DATA") if k in os.environ}
+        env["env_vars"] = {**forward, **env.get("env_vars", {})}
+        ctx = ray.init(address=address, runtime_env=env, **quiet)
     else:
         # Short temp dir: AF_UNIX socket paths are limited to 107 bytes.
         tmp = Path(tempfile.gettempdir()) / f"ray-{os.getuid()}"
-        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp), **quiet, **(declare or {}))
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=str(tmp), runtime_env=env or None,
+                       **quiet, **(declare or {}))
     print_dashboard(console, address, getattr(ctx, "dashboard_url", None))  # the URL and how to authenticate
 
 
@@ -100,7 +107,8 @@ def _warm(configs: list[dict[str, Any]]) -> list[str]:
 
 def warm_feature_caches(sweep: SweepConfig, datasets: list[str]) -> None:
     """One Ray task per dataset computes the shared caches before any trial starts, on a node with
-    the trials' resources (a GPU node on a cluster); trials then load them from ``<storage>/cache``."""
+    the trials' resources (a GPU node on a cluster); trials then load them from the cache folder
+    (``cache_dir``: a file path; on a node that has no copy yet, a trial builds its own)."""
     import ray
 
     pending = {}
@@ -133,8 +141,8 @@ def save_results(sweep: SweepConfig, progress: SweepProgress | None = None) -> p
 
 
 def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = False, only: list[str] | None = None,
-              skip_missing: bool = False, declare: dict[str, Any] | None = None) -> Path:
-    """Check, plan and run the sweep; returns its trials.parquet."""
+              skip_missing: bool = False, declare: dict[str, Any] | None = None) -> str:
+    """Check, plan and run the sweep; returns where its trials.parquet is (a path or a URI)."""
     from harness.estimate import apply_checkpoint_policy
 
     validate(sweep)  # every dataset's plan, before anything is written or started
@@ -145,13 +153,18 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
                         "\n  ".join(f"{d}: {w}" for d, w in missing))
     skip = {d for d, _ in missing} | ({d for d in sweep.datasets if d not in only} if only else set())
     todo = [(exp, n) for exp, n in plan(sweep) if exp.dataset not in skip]
-    started = [exp.name for exp, _ in todo if (sweep.storage_path / exp.name).is_dir()]
+    store = sweep.store
+    started = [exp.name for exp, _ in todo if store.is_dir(exp.name)]
     if started and not resume:
-        raise ConfigError(f"{sweep.storage_path} already holds {', '.join(started[:3])}{' …' if len(started) > 3 else ''}: "
+        raise ConfigError(f"{store.uri()} already holds {', '.join(started[:3])}{' …' if len(started) > 3 else ''}: "
                           "continue with --resume, or give the sweep a new name")
-    sweep.storage_path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(sweep.storage_path / "sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
-    init_ray(address, sweep.storage_path, declare)
+    store.mkdir()
+    store.write_text("sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
+    if sweep.tracking.mlflow is not None:
+        from harness.tracking import prepare_experiment
+
+        prepare_experiment(sweep)  # before any trial, so that every process finds the same experiment
+    init_ray(address, declare, sweep.cluster.runtime_env)
     at_once = min(sweep.search.max_concurrent_experiments, len({(e.dataset, e.method) for e, _ in todo}))
     budget = GpuBudget(cluster_gpus(), at_once)
     import ray
@@ -164,7 +177,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     chains: dict[tuple[str, str], list[tuple[Experiment, int]]] = {}
     for exp, n in todo:  # one chain per dataset x method: its search, then its final phase
         chains.setdefault((exp.dataset, exp.method), []).append((exp, n))
-    with sweep_metrics(sweep), Live(progress, console=console, refresh_per_second=0.5, transient=False):
+    with sweep_metrics(sweep, progress), Live(progress, console=console, refresh_per_second=0.5, transient=False):
         try:
             if sweep.search.max_concurrent_experiments <= 1 or len(chains) <= 1:
                 for chain in chains.values():
@@ -177,18 +190,18 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
             raise
     if not chains:  # otherwise written after every chain
         save_results(sweep, progress)
-    return sweep.storage_path / "trials.parquet"
+    return store.uri(TRIALS_FILE)
 
 
 def _seed_from_previous_run(sweep: SweepConfig, progress: SweepProgress) -> None:
     """A resumed sweep's live table starts from the trials its last results file holds."""
-    previous = sweep.storage_path / "trials.parquet"
-    if not previous.is_file():
-        return
     try:
-        progress.record_results(pl.read_parquet(previous))
+        previous = read_table(sweep.store)
     except (pl.exceptions.PolarsError, OSError) as e:
-        log.warning("%s: unreadable (%s); the live table starts empty", previous, e)
+        log.warning("%s: unreadable (%s); the live table starts empty", sweep.store.uri(TRIALS_FILE), e)
+        return
+    if previous is not None:
+        progress.record_results(previous)
 
 
 def experiment_complete(grid: Any, n: int) -> bool:
@@ -197,28 +210,34 @@ def experiment_complete(grid: Any, n: int) -> bool:
 
 
 def prune_checkpoints(sweep: SweepConfig, exp: Experiment) -> None:
-    """Delete the resumable state that ended trials left (ASHA-stopped or failed mid-run): nothing
-    reads it once its experiment has finished; model.pt and result.json of finished trials stay."""
+    """Delete the Ray checkpoints that the experiment's trials left (Tune keeps the latest of each
+    trial, a Ray Train run its latest): nothing resumes from them once every trial has ended.
+    ``run/model.pt`` and ``run/result.json`` stay; ``checkpoint.keep: true`` keeps them all."""
     if trial_config(sweep, exp.dataset, exp.method, {}).checkpoint.keep:
         return
-    for ckpt in (sweep.storage_path / exp.name).glob("*/run/checkpoint.pt"):
-        ckpt.unlink(missing_ok=True)
+    store = sweep.store
+    for trial in store.dirs(exp.name):
+        folder = f"{exp.name}/{trial}"
+        runs = [f"ray_train/{run}" for run in store.dirs(f"{folder}/ray_train")]
+        for parent in ("", *runs):
+            for sub in store.dirs(f"{folder}/{parent}"):
+                if sub.startswith("checkpoint_"):
+                    store.delete_dir(f"{folder}/{parent}/{sub}")
 
 
 def final_params(sweep: SweepConfig, exp: Experiment) -> dict[str, Any] | None:
     """The config a final phase re-runs: the one it recorded when it started, else the best search
     trial's (then recorded, so a resumed sweep never mixes configs across seeds). None: no search
     trial finished without error, so there is nothing to re-run."""
-    exp_dir = sweep.storage_path / exp.name
-    chosen = exp_dir / "config-from-search.json"
-    if chosen.is_file():
-        return json.loads(chosen.read_text())["params"]
+    chosen = f"{exp.name}/config-from-search.json"
+    recorded = sweep.store.read_json(chosen)
+    if recorded:
+        return recorded["params"]
     searched = collect(sweep, f"search-{exp.dataset}-{exp.method}")
     best = best_search_trials(searched, sweep.search.metric).get((exp.dataset, exp.method))
     if best is None:
         return None
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(chosen, json.dumps(best, indent=2, default=str))
+    sweep.store.write_json(chosen, best)
     return best["params"]
 
 
@@ -231,8 +250,7 @@ def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: b
     from harness.tuning import run_experiment
 
     for exp, n in chain:
-        exp_dir = sweep.storage_path / exp.name
-        if (exp_dir / FINISHED).is_file():
+        if sweep.store.is_file(f"{exp.name}/{FINISHED}"):
             continue
         params = None
         if exp.phase == "final" and METHODS.get(exp.method).train:
@@ -245,7 +263,7 @@ def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: b
         if not experiment_complete(grid, n):
             raise SweepInterrupted(f"{exp.name} was interrupted with {len(grid)} of its trials started")
         prune_checkpoints(sweep, exp)
-        (exp_dir / FINISHED).touch()  # every trial ended: completed, stopped by ASHA, failed or timed out
+        sweep.store.touch(f"{exp.name}/{FINISHED}")  # every trial ended: completed, stopped by ASHA, failed or timed out
 
 
 def _remote_chain(sweep: dict[str, Any], chain: list[tuple[Experiment, int]], resume: bool, max_concurrent: int) -> None:
@@ -285,7 +303,10 @@ def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experime
     """
     import ray
 
+    from harness.placement import coordinator_options
+
     task = ray.remote(num_cpus=0, max_retries=0)(_remote_chain)
+    placement = coordinator_options(sweep)  # the head node, or nodes with the coordinator resource
     queue, pending = list(chains), {}
     in_use = 0.0
     while queue or pending:
@@ -296,7 +317,7 @@ def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experime
                 break
             chain = queue.pop(0)
             in_use += need
-            pending[task.options(name=f"tune-{d}-{chain[0][0].method}").remote(
+            pending[task.options(name=f"tune-{d}-{chain[0][0].method}", **placement).remote(
                 to_dict(sweep), chain, resume, budget.trials(sweep, d))] = chain
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:

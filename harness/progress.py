@@ -15,6 +15,7 @@ trial's whole state.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,7 @@ class SweepProgress:
         self.states: dict[str, dict[str, Any]] = {}
         self.note = ""
         self._looked = 0.0
+        self._lock = threading.Lock()  # the live display and the metrics thread both read the board
 
     def record_results(self, table: pl.DataFrame) -> None:
         """After trials.parquet is written: what it holds fills the board's gaps."""
@@ -148,9 +150,17 @@ class SweepProgress:
 
         return ray.get(self.board.snapshot.remote(), timeout=READ_TIMEOUT_S)
 
+    def states(self) -> list[dict[str, Any]]:
+        """Every trial's latest state, as the table shows it (the sweep's metrics publish these)."""
+        return list(self._read().values())
+
     def _read(self) -> dict[str, dict[str, Any]]:
         """The board's snapshot over the last results file's rows; the last snapshot seen (and a
         note) when the board does not answer, and a new board after LOOKUP_EVERY_S."""
+        with self._lock:
+            return self._read_locked()
+
+    def _read_locked(self) -> dict[str, dict[str, Any]]:
         if self.board is None and time.time() - self._looked > LOOKUP_EVERY_S:
             self._looked = time.time()
             self.board = start_board(self.sweep.name)

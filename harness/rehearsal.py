@@ -29,11 +29,13 @@ import polars as pl
 
 from harness.checks import asha_rungs, gpus_per_trial
 from harness.config import SweepConfig, trial_config
+from harness.results import read_table
+from harness.storage import sibling
 from indivaid.config import ConfigError
 from indivaid.data.adapters import make_adapter
 from indivaid.methods import METHODS
 from indivaid.training.config import merge
-from indivaid.utils.io import atomic_write_text, file_lock
+from indivaid.utils.io import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +162,7 @@ def rehearsal_sweep(sweep: SweepConfig, red: Reductions, data_root: Path, paths:
         per_dataset[d] = merge(per_dataset[d], {"model": REHEARSAL_MODEL})
     for d, path in paths.items():
         per_dataset[d] = merge(per_dataset.get(d, {}), {"data": {"path": str(path)}, "stage1": stage1_epochs(real, d)})
-    storage = str(Path(sweep.storage or f"results/{sweep.name}").parent / f"{sweep.name}-rehearsal") \
-        if sweep.storage else f"results/{sweep.name}-rehearsal"
+    storage = sibling(sweep.storage, f"{sweep.name}-rehearsal") if sweep.storage else f"results/{sweep.name}-rehearsal"
     return dataclasses.replace(
         real, name=f"{sweep.name}-rehearsal", storage=storage, data_root=str(data_root), base=base,
         per_dataset=per_dataset, rehearsal=True,
@@ -288,8 +289,8 @@ def render_report(real: SweepConfig, trials: pl.DataFrame, declared_gpus: float,
     return "\n".join(lines) + "\n"
 
 
-def rehearse(sweep: SweepConfig, red: Reductions, *, resume: bool = False, only: list[str] | None = None) -> Path:
-    """Run the rehearsal; returns the report file (``<storage>/rehearsal.md``)."""
+def rehearse(sweep: SweepConfig, red: Reductions, *, resume: bool = False, only: list[str] | None = None) -> str:
+    """Run the rehearsal; returns where its report is (``<storage>/rehearsal.md``)."""
     import time
 
     from harness.checks import validate
@@ -307,14 +308,13 @@ def rehearse(sweep: SweepConfig, red: Reductions, *, resume: bool = False, only:
     # generated data has the published identity counts, not image counts: the adapters' mismatch warning is expected
     logging.getLogger("indivaid.data.adapters.base").setLevel(logging.ERROR)
     rsweep = rehearsal_sweep(sweep, red, root, prepare_data(sweep, root, red))
-    out = run_sweep(rsweep, resume=resume, declare=declared_resources(sweep, red))
-    report = render_report(sweep, pl.read_parquet(out), red.gpus, (time.time() - t0) / 60)
-    path = rsweep.storage_path / "rehearsal.md"
-    atomic_write_text(path, report)
+    run_sweep(rsweep, resume=resume, declare=declared_resources(sweep, red))
+    report = render_report(sweep, read_table(rsweep.store), red.gpus, (time.time() - t0) / 60)
+    rsweep.store.write_text("rehearsal.md", report)
     from rich.markdown import Markdown
 
     console.print(Markdown(report))
-    return path
+    return rsweep.store.uri("rehearsal.md")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def preflight_sweep(sweep: SweepConfig, steps: int) -> SweepConfig:
     dtype and workers: no search, no scheduler, no final phase."""
     quick = {"stage1": {"epochs": 1, "min_steps": 0}, "stage2": {"epochs": 1, "warmup_epochs": 0},
              "eval": {"every": 1}, "runtime": {"max_steps_per_epoch": steps}, "checkpoint": {"every": 0}}
-    storage = str(Path(sweep.storage).parent / f"{sweep.name}-preflight") if sweep.storage else f"results/{sweep.name}-preflight"
+    storage = sibling(sweep.storage, f"{sweep.name}-preflight") if sweep.storage else f"results/{sweep.name}-preflight"
     return dataclasses.replace(
         sweep, name=f"{sweep.name}-preflight", storage=storage, base=merge(sweep.base, quick), search_space={},
         scheduler=dataclasses.replace(sweep.scheduler, kind="none"), final=dataclasses.replace(sweep.final, seeds=0,
@@ -338,13 +338,16 @@ def preflight_sweep(sweep: SweepConfig, steps: int) -> SweepConfig:
 
 def preflight_rows(sweep: SweepConfig, trials: pl.DataFrame) -> list[dict[str, Any]]:
     """Per dataset x method: status, time to first report, stage-2 img/s, peak accelerator memory."""
-    from harness.results import all_progress, read_json
+    from harness.results import experiments, tune_trials
 
+    store = sweep.store
+    reports: dict[str, list[dict[str, Any]]] = {}
+    for exp in experiments(store):
+        reports.update({tid: t.history for tid, t in tune_trials(store, exp).items()})
     rows = []
     for r in trials.sort("dataset", "method").iter_rows(named=True):
-        trial_dir = Path(r["config_path"]).parent.parent
-        progress = all_progress(trial_dir)
-        started = read_json(trial_dir / "trial.json").get("started")
+        progress = reports.get(r["trial_id"], [])
+        started = r["created_at"]
         first = progress[0].get("timestamp") if progress else None
         mem = [p.get("max_mem_gb") for p in progress if p.get("max_mem_gb") == p.get("max_mem_gb")]
         s2 = [p.get("images_per_s") for p in progress if p.get("stage") == 2]
@@ -355,14 +358,14 @@ def preflight_rows(sweep: SweepConfig, trials: pl.DataFrame) -> list[dict[str, A
     return rows
 
 
-def preflight(sweep: SweepConfig, steps: int, *, address: str | None = None, resume: bool = False) -> Path:
-    """Run the preflight; returns its report file (``<storage>/preflight.md``)."""
+def preflight(sweep: SweepConfig, steps: int, *, address: str | None = None, resume: bool = False) -> str:
+    """Run the preflight; returns where its report is (``<storage>/preflight.md``)."""
     from harness.orchestrate import run_sweep
     from harness.ui import console
 
     psweep = preflight_sweep(sweep, steps)
-    out = run_sweep(psweep, address=address, resume=resume)
-    rows = preflight_rows(psweep, pl.read_parquet(out))
+    run_sweep(psweep, address=address, resume=resume)
+    rows = preflight_rows(psweep, read_table(psweep.store))
     head = ["dataset", "method", "status", "first report (s)", "stage-2 img/s", "peak GPU memory (GiB)", "error"]
     lines = [f"# Preflight of sweep `{sweep.name}` ({steps} steps per stage)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -371,9 +374,8 @@ def preflight(sweep: SweepConfig, steps: int, *, address: str | None = None, res
                                         _cell(r["images_per_s"], "{:.0f}"), _cell(r["max_mem_gb"], "{:.1f}"),
                                         (r["error"] or "").splitlines()[0][:120] if r["error"] else ""]) + " |")
     report = "\n".join(lines) + "\n"
-    path = psweep.storage_path / "preflight.md"
-    atomic_write_text(path, report)
+    psweep.store.write_text("preflight.md", report)
     from rich.markdown import Markdown
 
     console.print(Markdown(report))
-    return path
+    return psweep.store.uri("preflight.md")

@@ -14,12 +14,15 @@ null where a run lacks it, so older files and partial sweeps load the same way.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import io
 import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +30,10 @@ import polars as pl
 import yaml
 
 from indivaid.config import ConfigError
-from indivaid.utils.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from harness.config import ResourcesConfig, SweepConfig
+    from harness.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,14 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 FINISHED = ".harness-finished"  # marks an experiment folder whose Tuner.fit returned with every trial ended
 TIMEOUT_FILE = "timeout.json"  # in a trial folder: the trial was stopped for running past trial_timeout_minutes
+TRIAL_INFO = "trial.json"  # in a trial folder: who the trial is (written by the trial at its first start)
+STARTS_FILE = "starts.jsonl"  # in a trial folder: one line per start of the trial (time, node, pid)
+RUN = "run"  # in a trial folder: the trainer's files that outlive the trial (RUN_FILES)
+ATTEMPTS_FILE = "attempts.json"  # in an experiment folder: trial id -> starts, counted by Tune's callback
+TRIALS_FILE = "trials.parquet"
+#: The trainer's files a trial copies from its node-local workdir to ``run/`` in its storage folder,
+#: in this order (the model before result.json, so a result always has its model beside it).
+RUN_FILES = ("config.json", "split.csv", "checkpoints.jsonl", "model.pt", "result.json")
 PARAM_PREFIX = "param."  # searched values: one column per dotted trainer key, dtype as sampled
 
 #: A trial's status: ``stopped`` = by ASHA; ``running`` also covers an interrupted sweep's trials.
@@ -123,39 +134,8 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------
-# One row per trial folder
+# One row per trial: the trial's own records, the trainer's results and what Tune knows
 # ---------------------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object, or {} while it is missing or half-written."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def all_progress(trial_dir: Path) -> list[dict]:
-    """Every report Tune recorded for the trial (a half-written last line is skipped)."""
-    out = []
-    if (trial_dir / "result.json").is_file():
-        for line in (trial_dir / "result.json").read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
-def last_progress(trial_dir: Path) -> dict:
-    """Tune's last result line for the trial ({} if none); a half-written last line is skipped."""
-    lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
-    for line in reversed(lines[-2:]):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return {}
 
 
 def finite(value: Any) -> float | None:
@@ -175,19 +155,62 @@ def measured_val(row: Mapping[str, Any], every: int, epochs: int) -> bool:
     return stage == 0 or (stage == 2 and (s2 >= every or s2 == epochs))
 
 
-def trial_status(trial_dir: Path, has_result: bool, progress: Mapping[str, Any]) -> tuple[str, int]:
-    """(status, attempts) of a trial from its folder: completed, timeout, error (its last attempt
-    failed), running (its experiment is not finished, or was interrupted) or stopped (by ASHA)."""
-    attempts = max(1, _line_count(trial_dir / "starts.jsonl"))
+@dataclass(frozen=True)
+class TuneTrial:
+    """What Ray Tune recorded of one trial, read through its public ``ExperimentAnalysis`` and
+    ``ResultGrid``: its status (PENDING, RUNNING, PAUSED, TERMINATED, ERROR), its last report,
+    every report, and the last line of its error."""
+
+    status: str | None
+    last: dict[str, Any]
+    history: list[dict[str, Any]]
+    error: str | None
+
+
+def tune_trials(store: Storage, experiment: str) -> dict[str, TuneTrial]:
+    """Tune's record of one experiment's trials, keyed by trial id ({} before Tune saved its state).
+
+    Tune writes that state from the process running ``Tuner.fit`` and uploads it to the storage
+    now and then, and at the end of the run: an interrupted experiment's may lag a little behind
+    its trials' own records, which the rows take first.
+    """
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    try:
+        analysis = ExperimentAnalysis(store.path(experiment), storage_filesystem=store.fs)
+    except (ValueError, OSError) as e:  # no experiment state yet
+        log.debug("%s: no Tune state (%s)", store.uri(experiment), e)
+        return {}
+    frames = analysis.trial_dataframes
+    out = {}
+    for trial, result in zip(analysis.trials, ResultGrid(analysis)):
+        frame = frames.get(trial.trial_id)
+        history = frame.to_dict("records") if frame is not None and len(frame) else []
+        out[trial.trial_id] = TuneTrial(str(trial.status), dict(result.metrics or {}), history,
+                                        error_line(result.error))
+    return out
+
+
+def error_line(error: BaseException | None) -> str | None:
+    """The exception line of a failed trial (Tune keeps the full traceback in its error.txt)."""
+    if error is None:
+        return None
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1][:2000] if lines else type(error).__name__
+
+
+def trial_status(has_result: bool, timed_out: bool, tune: TuneTrial | None, finished: bool) -> str:
+    """A trial's status: completed (the trainer wrote its results), timeout, error (Tune gave up
+    on it), stopped (ended by ASHA), or running (its experiment is not finished, or was interrupted)."""
     if has_result:
-        return "completed", attempts
-    if (trial_dir / TIMEOUT_FILE).is_file():
-        return "timeout", attempts
-    if _failures(trial_dir / "error.txt") >= attempts:
-        return "error", attempts
-    if not (trial_dir.parent / FINISHED).is_file():
-        return "running", attempts
-    return ("stopped" if progress else "error"), attempts
+        return "completed"
+    if timed_out:
+        return "timeout"
+    if tune is not None and tune.status == "ERROR":
+        return "error"
+    if (tune is not None and tune.status == "TERMINATED") or finished:
+        return "stopped" if tune is not None and tune.last else "error"
+    return "running"
 
 
 def stop_reason(status: str, progress: Mapping[str, Any], max_epochs: int, method: str) -> str:
@@ -198,43 +221,82 @@ def stop_reason(status: str, progress: Mapping[str, Any], max_epochs: int, metho
     return "error"
 
 
-def collect(sweep: SweepConfig, experiments: str = "*") -> pl.DataFrame:
-    """One row per trial from the trial folders (works on partial and resumed sweeps);
-    ``experiments`` is a glob of experiment folder names."""
-    return to_table(trial_row(sweep, f) for f in sorted(sweep.storage_path.glob(f"{experiments}/*/trial.json")))
+#: Rows of experiments that have finished, per (storage, sweep, experiment): they never change.
+_FINISHED_ROWS: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
 
 
-def trial_row(sweep: SweepConfig, info_file: Path) -> dict[str, Any]:
-    """The trial's row from its folder: ``trial.json`` (written at its first start), the trainer's
-    ``run/result.json`` (once it finished), Tune's ``result.json`` reports and ``error.txt``."""
+def experiments(store: Storage, pattern: str = "*") -> list[str]:
+    """The experiment folders of a sweep (``<phase>-<dataset>-<method>``) matching a glob."""
+    return [d for d in store.dirs() if fnmatch.fnmatch(d, pattern) and d.split("-", 1)[0] in ("search", "final")]
+
+
+def collect(sweep: SweepConfig, pattern: str = "*") -> pl.DataFrame:
+    """One row per trial of the experiments whose folder names match ``pattern`` (works on partial
+    and resumed sweeps)."""
+    store = sweep.store
+    rows: list[dict[str, Any]] = []
+    for exp in experiments(store, pattern):
+        key = (store.location, sweep.name, exp)
+        if key not in _FINISHED_ROWS:
+            finished = store.is_file(f"{exp}/{FINISHED}")
+            found = experiment_rows(sweep, exp, finished)
+            if not finished:
+                rows += found
+                continue
+            _FINISHED_ROWS[key] = found
+        rows += _FINISHED_ROWS[key]
+    return to_table(sorted(rows, key=lambda r: (r["phase"], r["dataset"], r["method"], r["created_at"] or 0.0)))
+
+
+def experiment_rows(sweep: SweepConfig, exp: str, finished: bool) -> list[dict[str, Any]]:
+    """The rows of one experiment: each trial folder holding a ``trial.json``, with Tune's record
+    of the trial and the starts the progress callback counted."""
+    store = sweep.store
+    tune = tune_trials(store, exp)
+    attempts = store.read_json(f"{exp}/{ATTEMPTS_FILE}")
+    rows = []
+    for name in store.dirs(exp):
+        info = store.read_json(f"{exp}/{name}/{TRIAL_INFO}")
+        if not info:
+            continue  # Tune's folder of a trial that never started, or one being written
+        rows.append(trial_row(sweep, f"{exp}/{name}", info, tune.get(info["trial_id"]), finished,
+                              attempts.get(info["trial_id"])))
+    return rows
+
+
+def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneTrial | None, finished: bool,
+              attempts: int | None = None) -> dict[str, Any]:
+    """The trial's row: ``trial.json`` (written at its first start), the trainer's ``run/`` files
+    (copied to the storage as the run goes), Tune's record of the trial and its count of starts."""
     from harness.config import trial_config  # the trainer's config (torch): only when rows are built
 
-    info = read_json(info_file)
-    trial_dir = info_file.parent
-    run = trial_dir / "run"
-    result = read_json(run / "result.json")
-    progress = last_progress(trial_dir)
-    status, attempts = trial_status(trial_dir, bool(result), progress)
+    store = sweep.store
+    files = store.sizes(rel)  # one listing: what the trial folder holds, and how big
+    result = store.read_json(f"{rel}/{RUN}/result.json") if f"{RUN}/result.json" in files else {}
+    progress = tune.last if tune is not None else {}
+    status = trial_status(bool(result), TIMEOUT_FILE in files, tune, finished)
     cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
     # from the first start to the last report (retries included); the trainer's own clock otherwise
     wall = max(float(result.get("wall_s") or 0.0), progress.get("timestamp", info["started"]) - info["started"], 0.0)
+    split = _split_info(store, f"{rel}/{RUN}/split.csv", files.get(f"{RUN}/split.csv"))
+    starts = len((store.read_text(f"{rel}/{STARTS_FILE}") or "").splitlines()) if STARTS_FILE in files else 0
     row: dict[str, Any] = {
         "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
         "seed": info["seed"], "trial_id": info["trial_id"], "node_id": info["node_id"],
-        "split_hash": result.get("split_hash") or _split_hash(run / "split.csv"), "protocol": _protocol(run / "split.csv"),
+        "split_hash": result.get("split_hash") or split[0], "protocol": split[1],
         "status": status,
         "stop_reason": stop_reason(status, progress, cfg.stage2.epochs, info["method"]),
         "epochs_run": int(progress.get(REPORT_S2_EPOCH, 0) or 0),
-        "attempts": attempts,
+        "attempts": max(1, attempts or starts),
         "wall_s": wall,
         "gpu_s": wall * gpus_held(sweep.resources_for(info["dataset"])),
-        "error": _error(trial_dir),
+        "error": tune.error if tune is not None and status in ("error", "timeout") else None,
         "created_at": info["started"],
-        "config_path": str(run / "config.json"), "split_path": str(run / "split.csv"),
-        "checkpoint_path": result.get("checkpoint"),
+        "config_path": store.uri(rel, RUN, "config.json"), "split_path": store.uri(rel, RUN, "split.csv"),
+        "checkpoint_path": store.uri(rel, RUN, "model.pt") if f"{RUN}/model.pt" in files else None,
         "rehearsal": sweep.rehearsal,
-        **_checkpoint_bytes(run),
-        **_schedule_reached(result.get("history") or all_progress(trial_dir), cfg.stage2.lr),
+        **_checkpoint_bytes(store, rel, files),
+        **_schedule_reached(result.get("history") or (tune.history if tune is not None else []), cfg.stage2.lr),
         **{col: _lookup(result, key) for col, key in RUN_NUMBERS.items()},
         **_split_metrics(result, progress),
     }
@@ -267,13 +329,19 @@ def _split_metrics(result: Mapping[str, Any], progress: Mapping[str, Any]) -> di
     return out
 
 
-def _checkpoint_bytes(run: Path) -> dict[str, int]:
-    """Resumable state the trial wrote (every save, from the trainer's log) and what it keeps."""
-    saves = [json.loads(line) for line in (run / "checkpoints.jsonl").read_text().splitlines() if line.strip()] \
-        if (run / "checkpoints.jsonl").is_file() else []
-    size = {f: (run / f).stat().st_size if (run / f).is_file() else 0 for f in ("checkpoint.pt", "model.pt")}
+def _checkpoint_bytes(store: Storage, rel: str, files: Mapping[str, int]) -> dict[str, int]:
+    """Resumable state the trial wrote (every save, from the trainer's log) and what its folder
+    still keeps of it (Ray checkpoints: Tune's ``checkpoint_*`` folders, or a Ray Train run's)."""
+    log_text = store.read_text(f"{rel}/{RUN}/checkpoints.jsonl") if f"{RUN}/checkpoints.jsonl" in files else None
+    saves = [json.loads(line) for line in (log_text or "").splitlines() if line.strip()]
+    kept = sum(size for path, size in files.items() if is_checkpoint_path(path))
     return {"ckpt_saves": len(saves), "ckpt_written_bytes": sum(int(e["bytes"]) for e in saves),
-            "ckpt_kept_bytes": size["checkpoint.pt"], "model_bytes": size["model.pt"]}
+            "ckpt_kept_bytes": kept, "model_bytes": files.get(f"{RUN}/model.pt", 0)}
+
+
+def is_checkpoint_path(path: str) -> bool:
+    """Whether a path inside a trial folder belongs to a Ray checkpoint (``checkpoint_000003/...``)."""
+    return any(part.startswith("checkpoint_") for part in path.split("/")[:-1])
 
 
 def _schedule_reached(history: list[dict], base_lr: float) -> dict[str, Any]:
@@ -303,43 +371,34 @@ def _best_val(result: Mapping[str, Any], last: float | None, every: int, epochs:
     return max(values) if values else None
 
 
-def _failures(error_file: Path) -> int:
-    """How many times Tune recorded this trial failing (one "Failure # k" entry each)."""
-    if not error_file.is_file():
-        return 0
-    return sum(1 for line in error_file.read_text(errors="replace").splitlines() if line.startswith("Failure # "))
+def _split_info(store: Storage, rel: str, size: int | None) -> tuple[str | None, str | None]:
+    """(hash, protocol) of a trial's split file (None, None while it is absent); a split file never
+    changes once written, so each is read once per process."""
+    if size is None:
+        return None, None
+    return _read_split_info(store.location, rel, size)
 
 
-def _line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+@functools.lru_cache(maxsize=4096)
+def _read_split_info(location: str, rel: str, size: int) -> tuple[str | None, str | None]:
+    import tempfile
 
-
-def _split_hash(split_file: Path) -> str | None:
+    from harness.storage import open_storage
     from indivaid.data.catalogue import DataError
     from indivaid.data.split import read_split
 
-    try:
-        return read_split(split_file, check=False).hash
-    except (DataError, OSError):
-        return None
-
-
-def _protocol(split_file: Path) -> str | None:
-    if not split_file.is_file():
-        return None
-    for line in split_file.read_text().splitlines()[:12]:
-        if line.startswith("# protocol: "):
-            return line.split(": ", 1)[1]
-    return None
-
-
-def _error(trial_dir: Path) -> str | None:
-    """The exception line of a failed trial (the full traceback stays in its error.txt)."""
-    err = trial_dir / "error.txt"
-    if not err.is_file():
-        return None
-    lines = [ln.strip() for ln in err.read_text().splitlines() if ln.strip()]
-    return lines[-1][:2000] if lines else "failed (empty error.txt)"
+    data = open_storage(location).read_bytes(rel)
+    if data is None:
+        return None, None
+    protocol = next((line.split(": ", 1)[1] for line in data.decode(errors="replace").splitlines()[:12]
+                     if line.startswith("# protocol: ")), None)
+    with tempfile.NamedTemporaryFile(suffix=".csv") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return read_split(f.name, check=False).hash, protocol
+        except (DataError, OSError):
+            return None, protocol
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,16 +406,23 @@ def _error(trial_dir: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_results(sweep: SweepConfig, table: pl.DataFrame) -> Path:
-    """trials.parquet (conformed to the schema), best.yaml and manifest.json, each atomically."""
-    out = sweep.storage_path / "trials.parquet"
+def write_results(sweep: SweepConfig, table: pl.DataFrame) -> str:
+    """trials.parquet (conformed to the schema), best.yaml and manifest.json, each written whole
+    (atomically on a local disk, one PUT on an object store); returns where trials.parquet is."""
+    store = sweep.store
     buf = io.BytesIO()
     conform(table).write_parquet(buf)
-    atomic_write_bytes(out, buf.getvalue())
+    store.write_bytes(TRIALS_FILE, buf.getvalue())
     best = {f"{d}/{m}": top for (d, m), top in best_search_trials(table, sweep.search.metric).items()}
-    atomic_write_text(sweep.storage_path / "best.yaml", yaml.safe_dump(best, sort_keys=True))
-    atomic_write_text(sweep.storage_path / "manifest.json", json.dumps(manifest(sweep), indent=2))
-    return out
+    store.write_text("best.yaml", yaml.safe_dump(best, sort_keys=True))
+    store.write_text("manifest.json", json.dumps(manifest(sweep), indent=2))
+    return store.uri(TRIALS_FILE)
+
+
+def read_table(store: Storage, rel: str = "trials.parquet") -> pl.DataFrame | None:
+    """A trials table from the storage (None while it does not exist)."""
+    data = store.read_bytes(rel)
+    return None if data is None else pl.read_parquet(io.BytesIO(data))
 
 
 def manifest(sweep: SweepConfig) -> dict[str, Any]:
@@ -377,8 +443,9 @@ def manifest(sweep: SweepConfig) -> dict[str, Any]:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
         commit = None
-    started = read_json(sweep.storage_path / "manifest.json").get("started_at")  # kept across rewrites and resumes
+    started = sweep.store.read_json("manifest.json").get("started_at")  # kept across rewrites and resumes
     return {"schema_version": SCHEMA_VERSION, "rehearsal": sweep.rehearsal, "sweep": to_dict(sweep),
+            "storage": sweep.storage_uri,
             "indivaid": ver("indivaid"), "torch": ver("torch"), "open_clip": ver("open_clip_torch"), "ray": ver("ray"),
             "git_commit": commit, "started_at": started or time.time(), "written_at": time.time()}
 

@@ -13,11 +13,13 @@ to ``<storage>/trials.parquet`` (one row per trial), ``best.yaml`` and ``manifes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -28,8 +30,8 @@ from harness.config import SweepConfig, load_sweep
 from harness.orchestrate import (GpuBudget, SweepInterrupted, cluster_gpus, experiment_complete, init_ray,
                                  run_chain, run_sweep)
 from harness.plan import Experiment, missing_datasets, plan, plan_rows, print_plan, search_space
-from harness.results import (FINISHED, SCHEMA_VERSION, best_search_trials, collect, read_json, trial_status,
-                             write_results)
+from harness.results import (FINISHED, RUN, SCHEMA_VERSION, TRIAL_INFO, best_search_trials, collect, experiments,
+                             read_table, trial_status, write_results)
 from harness.ui import console
 from indivaid.config import ConfigError
 from indivaid.data.catalogue import DataError
@@ -58,26 +60,39 @@ def summary(table: pl.DataFrame) -> None:
     console.print(t)
 
 
+def find_trial(sweep: SweepConfig, trial_id: str) -> tuple[str, dict[str, Any]]:
+    """(the trial's folder in the storage, its trial.json) of a recorded trial."""
+    store = sweep.store
+    for exp in experiments(store):
+        for name in store.dirs(exp):
+            info = store.read_json(f"{exp}/{name}/{TRIAL_INFO}")
+            if info.get("trial_id") == trial_id:
+                return f"{exp}/{name}", info
+    raise ConfigError(f"no trial {trial_id!r} under {store.uri()} (see trials.parquet's trial_id)")
+
+
 def reproduce(sweep: SweepConfig, trial_id: str) -> dict[str, Any]:
-    """Re-run one recorded trial from its resolved config and split file; recorded vs new metrics."""
+    """Re-run one recorded trial from its resolved config and split file; recorded vs new metrics.
+
+    The new run's workdir is ``<storage>/reproduce/`` on a local storage, else ``reproduce/<sweep>/``
+    here (the trainer writes to local files)."""
     from indivaid.config import from_dict
     from indivaid.training import TrainConfig, train
 
-    for info_file in sweep.storage_path.glob("*/*/trial.json"):
-        info = read_json(info_file)
-        if info.get("trial_id") == trial_id:
-            break
-    else:
-        raise ConfigError(f"no trial {trial_id!r} under {sweep.storage_path} (see trials.parquet's trial_id)")
-    run = info_file.parent / "run"
-    if not (run / "config.json").is_file() or not (run / "split.csv").is_file():
-        raise ConfigError(f"trial {trial_id} has no recorded config or split under {run}")
-    data = json.loads((run / "config.json").read_text())
-    data["data"]["split_file"] = str(run / "split.csv")
+    store = sweep.store
+    folder, info = find_trial(sweep, trial_id)
+    stamp = f"{trial_id}-{int(time.time())}"
+    workdir = store.local_path("reproduce", stamp) if store.local else Path("reproduce") / sweep.name / stamp
+    recorded_dir = workdir / "recorded"
+    for name in ("config.json", "split.csv", "result.json"):
+        store.download(f"{folder}/{RUN}/{name}", recorded_dir / name)
+    if not (recorded_dir / "config.json").is_file() or not (recorded_dir / "split.csv").is_file():
+        raise ConfigError(f"trial {trial_id} has no recorded config or split under {store.uri(folder, RUN)}")
+    data = json.loads((recorded_dir / "config.json").read_text())
+    data["data"]["split_file"] = str(recorded_dir / "split.csv")
     cfg = from_dict(TrainConfig, data)
-    workdir = sweep.storage_path / "reproduce" / f"{trial_id}-{int(time.time())}"
-    res = train(cfg, workdir=workdir, evaluate_test=info["phase"] == "final")
-    recorded = read_json(run / "result.json")
+    res = train(cfg, workdir=workdir / "run", evaluate_test=info["phase"] == "final")
+    recorded = json.loads((recorded_dir / "result.json").read_text()) if (recorded_dir / "result.json").is_file() else {}
     out = {"trial_id": trial_id, "workdir": str(workdir), "recorded_val": recorded.get("val"), "val": res.val,
            "recorded_test": recorded.get("test"), "test": res.test}
     table = Table(title=f"reproduced trial {trial_id} ({info['dataset']}, {info['method']}, {info['phase']})")
@@ -87,6 +102,30 @@ def reproduce(sweep: SweepConfig, trial_id: str) -> dict[str, Any]:
         table.add_row(name, f"{100 * v['mAP']:.2f}" if v else "—", f"{100 * te['mAP']:.2f}" if te else "—")
     console.print(table)
     return out
+
+
+def runtime_env_arg(text: str) -> dict[str, Any]:
+    """``--runtime-env``: Ray's runtime environment as inline JSON/YAML, or a JSON/YAML file."""
+    import yaml
+
+    path = Path(text)
+    try:
+        value = yaml.safe_load(path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text)
+    except (OSError, yaml.YAMLError) as e:
+        raise argparse.ArgumentTypeError(f"--runtime-env: cannot read {text!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--runtime-env: expected a mapping such as '{{\"working_dir\": \".\"}}', "
+                                         f"got {text!r}")
+    return value
+
+
+def with_cli_overrides(sweep: SweepConfig, storage: str | None, runtime_env: dict[str, Any] | None) -> SweepConfig:
+    """The sweep file's config with ``--storage`` and ``--runtime-env`` on top."""
+    if storage:
+        sweep = dataclasses.replace(sweep, storage=storage)
+    if runtime_env is not None:
+        sweep = dataclasses.replace(sweep, cluster=dataclasses.replace(sweep.cluster, runtime_env=runtime_env))
+    return sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", metavar="DATASET", help="run these datasets only")
     ap.add_argument("--skip-missing", action="store_true", help="skip datasets whose files are absent")
     ap.add_argument("--reproduce", metavar="TRIAL_ID", help="re-run one trial from its recorded config and split")
+    ap.add_argument("--storage", metavar="URI",
+                    help="where the results go, over the sweep file's storage: a local path or a URI pyarrow opens "
+                         "(file:///abs, s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http, gs://bucket/prefix)")
+    ap.add_argument("--runtime-env", type=runtime_env_arg, metavar="JSON_OR_FILE",
+                    help="Ray runtime_env for the sweep's job, over the sweep file's cluster.runtime_env, e.g. "
+                         "'{\"working_dir\": \".\"}' or '{\"py_modules\": [\"indivaid\", \"harness\"]}' to ship this "
+                         "package to nodes that do not have it installed")
     mode = ap.add_argument_group("before a cluster sweep")
     mode.add_argument("--rehearse", action="store_true",
                       help="run the real plan on CPU: generated datasets at their published identity counts, tiny model, "
@@ -121,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C stops the sweep here (KeyboardInterrupt: results written, exit 130, --resume continues) instead
     # of Tune's handler, which returns from Tuner.fit as if the search had ended
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    sweep: SweepConfig | None = None
     try:
-        sweep = load_sweep(args.file)
+        sweep = with_cli_overrides(load_sweep(args.file), args.storage, args.runtime_env)
         if args.dry_run:
             validate(sweep, args.file, cluster_gpus=_address_gpus(args.address))
             print_plan(sweep)
@@ -144,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
             preflight(sweep, args.steps_per_epoch or 5, address=args.address, resume=args.resume)
             return 0
         out = run_sweep(sweep, address=args.address, resume=args.resume, only=args.only, skip_missing=args.skip_missing)
-        summary(pl.read_parquet(out))
-        console.print(f"results: {out} (tables and plots: python -m harness.leaderboard {out.parent})")
+        table = read_table(sweep.store)
+        summary(table if table is not None else pl.DataFrame())
+        console.print(f"results: {out} (tables and plots: python -m harness.leaderboard '{sweep.storage_uri}')")
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the storage could not be reached (credentials, endpoint, bucket)
+        where = f" (storage: {sweep.storage_uri})" if sweep is not None else ""
+        print(f"error: {e}{where}", file=sys.stderr)
         return 2
     except (SweepInterrupted, KeyboardInterrupt) as e:
         print(f"interrupted{f': {e}' if str(e) else ''}; what finished is in trials.parquet; continue with --resume",

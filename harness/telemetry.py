@@ -6,7 +6,7 @@ and Grafana, and the dashboard's Metrics tab, chart the sweep live. Ray prefixes
 ``ray_``:
 
 - ``ray_indivaid_sweep_trials{sweep, dataset, method, status}``: trials per status (running,
-  completed, stopped = by ASHA, error), read from the sweep's storage by the driver;
+  completed, stopped = by ASHA, error, timeout), as the live table counts them;
 - ``ray_indivaid_sweep_best_val_map{sweep, dataset, method}``: the best validation mAP (0-1) any
   trial has measured so far;
 - ``ray_indivaid_trial_stage``, ``ray_indivaid_trial_epoch``, ``ray_indivaid_trial_images_per_second``
@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-from harness.config import SweepConfig, trial_config
-from harness.results import STATUSES, finite, measured_val, trial_status
+from harness.results import STATUSES, finite
+
+if TYPE_CHECKING:
+    from harness.config import SweepConfig
+    from harness.progress import SweepProgress
 
 log = logging.getLogger(__name__)
 
@@ -102,139 +102,52 @@ class TrialMetrics:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per sweep (in the driver, from the sweep's storage)
+# Per sweep (in the driver, from the live table's view of the trials)
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrialState:
-    """What the driver keeps of one trial between scans: where it stopped reading Tune's
-    ``result.json`` (appended to, never rewritten), its last row and its best validation mAP."""
-
-    dataset: str
-    method: str
-    every: int  # validation every this many stage-2 epochs
-    epochs: int  # stage-2 epochs of the full budget
-    offset: int = 0
-    last: dict[str, Any] = field(default_factory=dict)
-    best: float | None = None
-
-    def counts_towards_best(self, row: Mapping[str, Any]) -> bool:
-        """Rows that carry a measured validation score: stage 0 (zero-shot), and stage 2 from
-        the first validation on (earlier stage-2 rows still carry the zero-shot score)."""
-        return measured_val(row, self.every, self.epochs)
-
-    def read(self, result_file: Path) -> None:
-        """Read the lines Tune appended since the last scan (a half-written last line waits)."""
-        try:
-            size = result_file.stat().st_size
-        except FileNotFoundError:
-            return
-        if size < self.offset:  # replaced (a trial restarted from scratch): start over
-            self.offset, self.last, self.best = 0, {}, None
-        if size == self.offset:
-            return
-        with open(result_file, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(size - self.offset)
-        complete = data[: data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.last = row
-            v = finite(row.get("val_mAP"))
-            if v is not None and self.counts_towards_best(row):
-                self.best = v if self.best is None else max(self.best, v)
-
-
-@dataclass
-class GroupCounts:
-    """One dataset x method: trials per status and the best validation mAP so far."""
-
-    statuses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUSES, 0))
-    best: float | None = None
-
-
-class SweepScanner:
-    """Counts a sweep's trials from its storage folder, as the results files do, reading each
-    trial's progress incrementally so that a scan of a large sweep stays cheap."""
-
-    def __init__(self, sweep: SweepConfig) -> None:
-        self.sweep = sweep
-        self.trials: dict[Path, TrialState] = {}
-
-    def _state(self, trial_dir: Path) -> TrialState | None:
-        state = self.trials.get(trial_dir)
-        if state is None:
-            try:
-                info = json.loads((trial_dir / "trial.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                return None  # being written: next scan
-            try:
-                cfg = trial_config(self.sweep, info["dataset"], info["method"], info.get("params") or {},
-                                   info.get("seed"))
-                every, epochs = max(1, cfg.eval.every), cfg.stage2.epochs
-            except Exception as e:  # e.g. a sweep file edited since: count the trial, score every stage-2 row
-                log.debug("%s: no trainer config (%s)", trial_dir, e)
-                every, epochs = 1, 0
-            state = self.trials[trial_dir] = TrialState(info["dataset"], info["method"], every, epochs)
-        return state
-
-    def scan(self) -> dict[tuple[str, str], GroupCounts]:
-        groups: dict[tuple[str, str], GroupCounts] = {}
-        for info_file in sorted(self.sweep.storage_path.glob("*/*/trial.json")):
-            trial_dir = info_file.parent
-            state = self._state(trial_dir)
-            if state is None:
-                continue
-            state.read(trial_dir / "result.json")
-            status, _ = trial_status(trial_dir, (trial_dir / "run" / "result.json").is_file(), state.last)
-            g = groups.setdefault((state.dataset, state.method), GroupCounts())
-            g.statuses[status] = g.statuses.get(status, 0) + 1
-            if state.best is not None:
-                g.best = state.best if g.best is None else max(g.best, state.best)
-        return groups
-
-
 class SweepMetrics:
-    """Publishes the sweep-level series from a :class:`SweepScanner`."""
+    """Publishes the sweep-level series from the states the live table shows: the progress board
+    (fed by Tune's callbacks) over the last results file. Nothing is read from the storage, so a
+    publish costs one actor call however large the sweep and however slow its storage."""
 
-    def __init__(self, sweep: SweepConfig) -> None:
+    def __init__(self, sweep: SweepConfig, states: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
         self.name = sweep.name
-        self.scanner = SweepScanner(sweep)
+        self.states = states
         self._lock = threading.Lock()  # the background thread and the final publish
         self._warned = False
 
-    def publish(self) -> dict[tuple[str, str], GroupCounts]:
-        """Scan the storage and set every series (zero counts included, so each status has a series)."""
+    def publish(self, states: Iterable[Mapping[str, Any]] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Set every series (zero counts included, so each status has a series); ``states``
+        overrides where the trials come from (the final publish: the results file's rows)."""
+        from harness.progress import group_counts
+
         with self._lock:
-            groups = self.scanner.scan()
+            groups = group_counts(self.states() if states is None else states)
             gauges = _gauges()
             for (dataset, method), g in groups.items():
                 tags = {"sweep": self.name, "dataset": dataset, "method": method}
-                for status, n in g.statuses.items():
-                    gauges["trials"].set(n, tags={**tags, "status": status})
-                if g.best is not None:
-                    gauges["best"].set(g.best, tags=tags)
+                for status in STATUSES:
+                    gauges["trials"].set(g[status], tags={**tags, "status": status})
+                if g["best"] is not None:
+                    gauges["best"].set(g["best"], tags=tags)
             return groups
 
-    def publish_safely(self) -> None:
+    def publish_safely(self, states: Iterable[Mapping[str, Any]] | None = None) -> None:
         try:
-            self.publish()
+            self.publish(states)
         except Exception as e:  # a metric is never worth a failed sweep
             (log.debug if self._warned else log.warning)("sweep metrics not published: %r", e)
             self._warned = True
 
 
 @contextlib.contextmanager
-def sweep_metrics(sweep: SweepConfig, interval_s: float = DEFAULT_INTERVAL_S) -> Iterator[SweepMetrics]:
+def sweep_metrics(sweep: SweepConfig, progress: SweepProgress,
+                  interval_s: float = DEFAULT_INTERVAL_S) -> Iterator[SweepMetrics]:
     """Publish the sweep-level series every ``interval_s`` from a daemon thread while the block
     runs (independent of the live table, which rich does not redraw in a log), and once more at
-    its end, so the last values equal the results files'."""
-    metrics = SweepMetrics(sweep)
+    its end from the last results file written, so the last values equal trials.parquet's."""
+    metrics = SweepMetrics(sweep, progress.states)
     stop = threading.Event()
 
     def loop() -> None:
@@ -249,4 +162,4 @@ def sweep_metrics(sweep: SweepConfig, interval_s: float = DEFAULT_INTERVAL_S) ->
     finally:
         stop.set()
         thread.join(timeout=60)
-        metrics.publish_safely()
+        metrics.publish_safely(progress.known)

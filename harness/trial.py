@@ -1,60 +1,159 @@
 """What runs inside one Ray Tune trial: the indivaid trainer, with Tune's report as its callback.
 
-The trainer keeps its own resumable checkpoint in the trial's folder on the sweep's storage, so a
-trial that Tune restarts after a crash, or that a restored sweep re-launches, continues where it
-stopped.
+The trainer works in a node-local folder (it knows nothing of URIs). What outlives the trial goes
+to the trial's folder in the sweep's storage through harness.storage: its records (``trial.json``,
+``starts.jsonl``, a timeout marker) and the trainer's ``run/`` files (config, split, checkpoint
+log, inference model, result). Its resumable state goes to Ray: each ``checkpoint.pt`` the trainer
+saves is reported as a Ray checkpoint, which Tune (or Ray Train) stores beside the trial's
+results and prunes, and a restarted trial, on whatever node, starts from ``get_checkpoint()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
 
+from harness.config import SweepConfig, trial_config
+from harness.results import (REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, RUN, RUN_FILES, STARTS_FILE,
+                             TIMEOUT_FILE, TRIAL_INFO, finite, measured_val)
+from harness.storage import Storage, open_storage
+from harness.telemetry import TrialMetrics
 from indivaid.config import from_dict
 from indivaid.training import train
-from indivaid.utils.io import atomic_write_text
-from harness.config import SweepConfig, trial_config
-from harness.results import REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, TIMEOUT_FILE, finite, measured_val
-from harness.telemetry import TrialMetrics
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's resumable state in its workdir
+#: What a Ray checkpoint holds besides the state: the files a resumed run expects beside it.
+CHECKPOINT_COMPANIONS = ("config.json", "split.csv", "checkpoints.jsonl")
 
-def storage_trial_dir(experiment_dir: str | Path) -> Path:
-    """The trial's folder on the sweep's storage (a shared filesystem on a cluster): the
-    experiment's folder there, plus the trial's directory name.
 
-    Not ``get_trial_dir()`` itself: that is a staging folder under the Ray session on the node
-    running the trial, copied to storage only now and then by the driver, so files written there on
-    another node would never arrive and a retried trial could not find its checkpoint. Its last
-    part is the trial's directory name, which Tune also gives the trial's folder in storage
-    (``<storage_path>/<experiment name>/<trial dir name>``).
-    """
+# ---------------------------------------------------------------------------------------------
+# The trial's folders: its storage folder and its node-local workdir
+# ---------------------------------------------------------------------------------------------
+
+
+def trial_folder(experiment: str) -> str:
+    """The trial's folder in the storage, relative to it: the experiment's folder plus the trial's
+    directory name (Tune has no public accessor for a trial's storage path; the name is the last
+    part of the trial's directory on this node, which Tune gives its storage folder too)."""
     try:
-        staging = tune.get_context().get_trial_dir()
+        local = tune.get_context().get_trial_dir()
     except Exception as e:  # outside a Tune trial the context has no session
         raise RuntimeError("run_trial must run inside a Ray Tune trial") from e
-    if not staging:
+    if not local:
         raise RuntimeError("run_trial must run inside a Ray Tune trial (no trial directory)")
-    path = Path(experiment_dir) / Path(staging).name
-    path.mkdir(parents=True, exist_ok=True)
+    return f"{experiment}/{Path(local).name}"
+
+
+def fresh_workdir(sweep: str, trial_id: str, rank: int = 0) -> Path:
+    """An empty node-local folder for the trainer. Whatever an earlier attempt left on this node is
+    removed: a run resumes from its Ray checkpoint only, so every node resumes the same way."""
+    path = Path(tempfile.gettempdir()) / "indivaid-trials" / sweep / trial_id / f"rank{rank}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
     return path
+
+
+def restore_run(store: Storage, folder: str, workdir: Path, checkpoint: Any | None) -> str:
+    """Fill ``workdir`` for a (re)started run; returns what it resumes from.
+
+    A run that had finished gets its results back (the trainer then returns them instead of
+    training again); otherwise the latest Ray checkpoint's files, if Ray has one for the trial.
+    """
+    if store.download(f"{folder}/{RUN}/result.json", workdir / "result.json"):
+        for name in CHECKPOINT_COMPANIONS:
+            store.download(f"{folder}/{RUN}/{name}", workdir / name)
+        return "finished run"
+    if checkpoint is None:
+        return "nothing"
+    checkpoint.to_directory(str(workdir))
+    return f"Ray checkpoint {checkpoint.path}"
+
+
+class RunFiles:
+    """Copies the trainer's files that outlive the trial (``RUN_FILES``) from its workdir to the
+    trial's ``run/`` folder in the storage, each when it is new or has changed. Called before every
+    report, so the results of a run that a scheduler stops at its last report are already stored."""
+
+    def __init__(self, store: Storage, folder: str, workdir: Path) -> None:
+        self.store, self.folder, self.workdir = store, folder, workdir
+        self.sent: dict[str, tuple[int, int]] = {}
+
+    def sync(self) -> None:
+        for name in RUN_FILES:
+            path = self.workdir / name
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (st.st_size, st.st_mtime_ns)
+            if self.sent.get(name) != stamp:
+                self.store.upload(path, f"{self.folder}/{RUN}/{name}")
+                self.sent[name] = stamp
+
+    def sync_quietly(self) -> None:
+        """After a failure: store what there is, without hiding the failure behind another."""
+        try:
+            self.sync()
+        except Exception as e:
+            log.warning("could not copy the run's files to %s: %s", self.store.uri(self.folder), e)
+
+
+@contextlib.contextmanager
+def ray_checkpoint(state: Path) -> Iterator[Any]:
+    """The trainer's state file as a Ray checkpoint: a folder beside the workdir holding it and
+    its companions (hard links, so nothing is copied on this node; Ray copies them to storage)."""
+    from ray.train import Checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="ray-ckpt-", dir=state.parent.parent))
+    try:
+        for src in (state, *(state.parent / n for n in CHECKPOINT_COMPANIONS)):
+            if src.is_file():
+                try:
+                    os.link(src, folder / src.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(src, folder / src.name)
+        yield Checkpoint.from_directory(str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def record_start(store: Storage, folder: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Write ``trial.json`` at the trial's first start (first, so a trial failing at any later point
+    is still a row) and add this start to ``starts.jsonl``; returns the trial's info."""
+    recorded = store.read_json(f"{folder}/{TRIAL_INFO}")
+    if not recorded:
+        recorded = info
+        store.write_json(f"{folder}/{TRIAL_INFO}", info)
+    start = {"time": time.time(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    store.append_line(f"{folder}/{STARTS_FILE}", json.dumps(start))
+    return recorded
+
+
+# ---------------------------------------------------------------------------------------------
+# Time limit, progress, tracking
+# ---------------------------------------------------------------------------------------------
 
 
 class TrialTimeout(RuntimeError):
     """The trial ran past the sweep's ``trial_timeout_minutes``."""
 
 
-def start_watchdog(trial_dir: Path, minutes: float | None, started: float) -> None:
+def start_watchdog(store: Storage, folder: str, minutes: float | None, started: float) -> None:
     """Stop this trial once it has run ``minutes`` since its first start (retries included).
 
     A hung trial (a stuck collective, a placement group that never comes) reports nothing, so no
@@ -63,15 +162,17 @@ def start_watchdog(trial_dir: Path, minutes: float | None, started: float) -> No
     """
     if minutes is None:
         return
-    marker = trial_dir / TIMEOUT_FILE
-    if marker.is_file():
-        raise TrialTimeout(f"stopped after the sweep's trial_timeout_minutes ({minutes:g}); see {marker}")
+    marker = f"{folder}/{TIMEOUT_FILE}"
+    if store.is_file(marker):
+        raise TrialTimeout(f"stopped after the sweep's trial_timeout_minutes ({minutes:g}); see {store.uri(marker)}")
     limit = started + 60 * minutes
 
     def fire() -> None:
-        atomic_write_text(marker, json.dumps({"limit_minutes": minutes, "time": time.time()}))
-        log.error("trial ran past trial_timeout_minutes=%g: stopping it", minutes)
-        os._exit(3)  # the training thread may be stuck in native code: only the process can end it
+        try:
+            store.write_json(marker, {"limit_minutes": minutes, "time": time.time()})
+        finally:
+            log.error("trial ran past trial_timeout_minutes=%g: stopping it", minutes)
+            os._exit(3)  # the training thread may be stuck in native code: only the process can end it
 
     timer = threading.Timer(max(0.0, limit - time.time()), fire)
     timer.daemon = True
@@ -97,60 +198,114 @@ class ReportProgress:
                 REPORT_RUN_FINISHED: float(self.result_file.is_file())}
 
 
+# ---------------------------------------------------------------------------------------------
+# The trial
+# ---------------------------------------------------------------------------------------------
+
+
 def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, method: str, phase: str, seed: int,
-              experiment_dir: str) -> None:
-    """Tune function trainable (``workers: 0``): trains in the trial process and reports every epoch.
-    ``experiment_dir``: the experiment's folder on the sweep's storage (Tune's storage_path/name)."""
+              experiment: str) -> None:
+    """Tune function trainable: trains in the trial process (``workers`` 0 or 1) and reports every
+    epoch, or drives a Ray Train run (``workers > 1``). ``experiment``: the experiment's folder name."""
     ctx = tune.get_context()
-    trial_dir = storage_trial_dir(experiment_dir)
-    info_file = trial_dir / "trial.json"
-    if not info_file.is_file():  # first, so that a trial failing at any later point is still a row
-        info = {"trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
-                "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()}
-        atomic_write_text(info_file, json.dumps(info, indent=2, default=str))
     cfg_sweep = from_dict(SweepConfig, sweep)
-    start_watchdog(trial_dir, cfg_sweep.trial_timeout_minutes, json.loads(info_file.read_text())["started"])
-    with open(trial_dir / "starts.jsonl", "a") as f:  # one line per (re)start: retries are visible
-        f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}) + "\n")
+    store = cfg_sweep.store
+    folder = trial_folder(experiment)
+    info = record_start(store, folder, {
+        "trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
+        "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()})
+    start_watchdog(store, folder, cfg_sweep.trial_timeout_minutes, info["started"])
     cfg = trial_config(cfg_sweep, dataset, method, params, seed)
     if cfg_sweep.resources_for(dataset).workers > 1:
-        _fit_with_ray_train(cfg, cfg_sweep, trial_dir, ctx.get_trial_id(), phase == "final")
+        _fit_with_ray_train(cfg, cfg_sweep, folder, ctx.get_trial_id(), ctx.get_trial_name(), phase == "final")
         return
 
+    workdir = fresh_workdir(cfg_sweep.name, ctx.get_trial_id())
+    log.info("trial %s resumes from %s", ctx.get_trial_id(), restore_run(store, folder, workdir, tune.get_checkpoint()))
+    files = RunFiles(store, folder, workdir)
     telemetry = TrialMetrics(cfg_sweep.name, dataset, method, phase, ctx.get_trial_id())  # stage, epoch, img/s, memory
-    progress = ReportProgress(trial_dir / "run", cfg.eval.every, cfg.stage2.epochs)
+    progress = ReportProgress(workdir, cfg.eval.every, cfg.stage2.epochs)
 
     def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
         telemetry.record(metrics)
-        tune.report(progress.row(metrics))
+        files.sync()  # before Tune hears of the epoch: a scheduler may stop the trial at this report
+        row = progress.row(metrics)
+        if checkpoint:
+            with ray_checkpoint(Path(checkpoint)) as ckpt:
+                tune.report(row, checkpoint=ckpt)
+        else:
+            tune.report(row)
 
-    # The trainer writes result.json and model.pt before its last report, so a trial that ASHA stops at
-    # its final epoch has finished.
-    train(cfg, workdir=trial_dir / "run", report=report, evaluate_test=(phase == "final"))
+    try:
+        # The trainer writes result.json and model.pt before its last report, so a trial that ASHA
+        # stops at its final epoch has finished.
+        train(cfg, workdir=workdir, report=report, evaluate_test=(phase == "final"))
+        files.sync()
+        _log_model(cfg_sweep, ctx.get_trial_name(), workdir / "model.pt")
+    except BaseException:
+        files.sync_quietly()
+        raise
+    finally:
+        shutil.rmtree(workdir.parent, ignore_errors=True)
+
+
+def _log_model(sweep: SweepConfig, trial_name: str, model: Path) -> None:
+    """With ``tracking.mlflow``: the final model.pt as an artefact of the trial's MLflow run."""
+    if sweep.tracking.mlflow is None:
+        return
+    from harness.tracking import experiment_name, log_model
+
+    log_model(sweep.tracking.mlflow, experiment_name(sweep), trial_name, model)
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: torch.distributed is set up, so the trainer runs DDP."""
+    """Runs on every Ray Train worker: torch.distributed is set up, so the trainer runs DDP. Every
+    rank reports every epoch; rank 0, the only one that saves the trainer's state, passes it as the
+    checkpoint; every rank resumes from ``ray.train.get_checkpoint()``."""
     import ray.train
 
     from indivaid.training import resolve
 
+    rank = ray.train.get_context().get_world_rank()
     cfg = resolve(config["train_config"])
-    telemetry = TrialMetrics(**config["metric_tags"], worker=ray.train.get_context().get_world_rank())
-    progress = ReportProgress(Path(config["workdir"]), cfg.eval.every, cfg.stage2.epochs)
+    store = open_storage(config["storage"])
+    workdir = fresh_workdir(config["metric_tags"]["sweep"], config["metric_tags"]["trial_id"], rank)
+    restore_run(store, config["folder"], workdir, ray.train.get_checkpoint())
+    files = RunFiles(store, config["folder"], workdir) if rank == 0 else None
+    telemetry = TrialMetrics(**config["metric_tags"], worker=rank)
+    progress = ReportProgress(workdir, cfg.eval.every, cfg.stage2.epochs)
 
     def report(metrics: dict[str, float], checkpoint: str | None = None) -> None:
         telemetry.record(metrics)
-        ray.train.report(progress.row(metrics))
+        if files is not None:
+            files.sync()
+        row = progress.row(metrics)
+        if checkpoint:
+            with ray_checkpoint(Path(checkpoint)) as ckpt:
+                ray.train.report(row, checkpoint=ckpt)
+        else:
+            ray.train.report(row)
 
-    train(cfg, workdir=config["workdir"], report=report, evaluate_test=config["evaluate_test"])
+    try:
+        train(cfg, workdir=workdir, report=report, evaluate_test=config["evaluate_test"])
+        if files is not None:
+            files.sync()
+            _log_model(from_dict(SweepConfig, config["sweep"]), config["trial_name"], workdir / "model.pt")
+    except BaseException:
+        if files is not None:
+            files.sync_quietly()
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _fit_with_ray_train(cfg, sweep: SweepConfig, trial_dir: Path, trial_id: str, evaluate_test: bool) -> None:
+def _fit_with_ray_train(cfg, sweep: SweepConfig, folder: str, trial_id: str, trial_name: str,
+                        evaluate_test: bool) -> None:
     """``workers > 1``: a TorchTrainer inside the Tune trial (Tune cannot wrap a Trainer directly).
 
-    Only rank 0's metrics reach Tune, through TuneReportCallback. The Train run is named after the
-    Tune trial id, so a restored trial resumes the same run rather than starting a new one.
+    Only rank 0's metrics reach Tune, through TuneReportCallback. The Train run keeps its
+    checkpoints in the trial's storage folder (``ray_train/``, pruned to the latest) and is named
+    after the Tune trial id, so a restarted trial resumes the same run from its latest checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -159,16 +314,19 @@ def _fit_with_ray_train(cfg, sweep: SweepConfig, trial_dir: Path, trial_id: str,
     from indivaid.config import to_dict
 
     res = sweep.resources_for(cfg.data.dataset)
+    store = sweep.store
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"train_config": to_dict(cfg), "workdir": str(trial_dir / "run"), "evaluate_test": evaluate_test,
+        train_loop_config={"train_config": to_dict(cfg), "storage": store.location, "folder": folder,
+                           "sweep": to_dict(sweep), "trial_name": trial_name, "evaluate_test": evaluate_test,
                            "metric_tags": {"sweep": sweep.name, "dataset": cfg.data.dataset, "method": cfg.method,
                                            "phase": "final" if evaluate_test else "search", "trial_id": trial_id}},
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
                                                resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {}),
                                                                      **res.custom}),
-        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=str(trial_dir.resolve() / "ray_train"),
-                                       callbacks=[TuneReportCallback()],
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=store.path(folder, "ray_train"),
+                                       storage_filesystem=store.fs, callbacks=[TuneReportCallback()],
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                                        # one retry layer: Tune restarts the whole trial, which resumes
                                        # from its checkpoint (retries here too would multiply them)
                                        failure_config=ray.train.FailureConfig(max_failures=0)),

@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import optuna
@@ -22,11 +22,13 @@ from ray.tune.search.optuna import OptunaSearch
 from harness.config import SweepConfig, trial_config
 from harness.plan import Experiment, search_space
 from harness.progress import LOOKUP_EVERY_S, find_board
-from harness.results import REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_S2_EPOCH, TIMEOUT_FILE, finite
+from harness.results import ATTEMPTS_FILE, REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_S2_EPOCH, TIMEOUT_FILE, finite
+from harness.storage import open_storage
 from indivaid.config import ConfigError, to_dict
 from indivaid.methods import METHODS
 
 log = logging.getLogger(__name__)
+
 
 class PruningAwareOptunaSearch(OptunaSearch):
     """An OptunaSearch that records ASHA-stopped trials as PRUNED, not COMPLETE.
@@ -68,22 +70,45 @@ def make_search(metric: str, seed: int, startup: int, budget_epochs: int | None)
 
 class ProgressCallback(tune.Callback):
     """Pushes each trial's state to the sweep's progress board (harness.progress) as Tune sees it:
-    started, reported, recovered (a retry: ``attempts``), failed, or ended (completed, or stopped
-    by ASHA). Runs where Tuner.fit runs; an unreachable board costs one skipped update."""
+    started, reported, recovered, failed, or ended (completed, or stopped by ASHA). Runs where
+    Tuner.fit runs; an unreachable board costs one skipped update.
 
-    def __init__(self, sweep_name: str, exp: Experiment) -> None:
-        self.sweep_name, self.exp = sweep_name, exp
+    It also counts every start of every trial (the first, each retry after a failure or a lost node,
+    and each restart of an interrupted trial by ``--resume``) and keeps the counts in the
+    experiment's ``attempts.json`` on the storage, read back when a resumed run sets it up again:
+    the results' ``attempts`` column."""
+
+    def __init__(self, sweep_name: str, exp: Experiment, storage: str) -> None:
+        self.sweep_name, self.exp, self.storage = sweep_name, exp, storage
         self.states: dict[str, dict[str, Any]] = {}
+        self.starts: dict[str, int] = {}
         self._board: Any = None
         self._looked = float("-inf")
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment
         return {**self.__dict__, "_board": None, "_looked": float("-inf")}
 
+    def setup(self, **info: Any) -> None:
+        """At the start of every ``Tuner.fit``, a restored one included: the starts counted so far."""
+        try:
+            counted = open_storage(self.storage).read_json(f"{self.exp.name}/{ATTEMPTS_FILE}")
+        except OSError as e:
+            log.warning("%s: could not read the trials' start counts (%s); counting from here", self.exp.name, e)
+            counted = {}
+        self.starts = {k: int(v) for k, v in counted.items()}
+
+    def _count_start(self, trial_id: str) -> int:
+        self.starts[trial_id] = self.starts.get(trial_id, 0) + 1
+        try:
+            open_storage(self.storage).write_json(f"{self.exp.name}/{ATTEMPTS_FILE}", self.starts)
+        except OSError as e:  # the count is a record, never worth a failed search
+            log.warning("%s: could not record the start of trial %s: %s", self.exp.name, trial_id, e)
+        return self.starts[trial_id]
+
     def _state(self, trial: Any) -> dict[str, Any]:
         return self.states.setdefault(trial.trial_id, {
             "dataset": self.exp.dataset, "method": self.exp.method, "phase": self.exp.phase, "status": "running",
-            "attempts": 1, "best": None, "s2_epoch": 0})
+            "attempts": self.starts.get(trial.trial_id, 1), "best": None, "s2_epoch": 0})
 
     def _push(self, trial: Any, **changes: Any) -> None:
         state = self._state(trial)
@@ -100,7 +125,7 @@ class ProgressCallback(tune.Callback):
             self._board = None
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._push(trial, status="running")
+        self._push(trial, status="running", attempts=self._count_start(trial.trial_id))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         best = self._state(trial)["best"]
@@ -110,33 +135,64 @@ class ProgressCallback(tune.Callback):
         self._push(trial, status="running", best=best, s2_epoch=int(finite(result.get(REPORT_S2_EPOCH)) or 0))
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._push(trial, status="running", attempts=self._state(trial)["attempts"] + 1)
+        self._push(trial, status="running")  # Tune restarts it (max_failures): on_trial_start counts the start
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        timed_out = trial.path is not None and (Path(trial.path) / TIMEOUT_FILE).is_file()
-        self._push(trial, status="timeout" if timed_out else "error")
+        self._push(trial, status="timeout" if self._timed_out(trial) else "error")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         finished = bool(finite((trial.last_result or {}).get(REPORT_RUN_FINISHED)))
         self._push(trial, status="completed" if finished else "stopped")
 
+    def _timed_out(self, trial: Any) -> bool:
+        """Whether the trial left a timeout marker (its storage folder: the experiment's, plus the
+        last part of the trial's path, its directory name)."""
+        if not trial.path:
+            return False
+        try:
+            return open_storage(self.storage).is_file(f"{self.exp.name}/{PurePosixPath(trial.path).name}/{TIMEOUT_FILE}")
+        except OSError:
+            return False
+
+
+def tracking_callbacks(sweep: SweepConfig, exp: Experiment) -> list[tune.Callback]:
+    """MLflow's callback when the sweep file has a ``tracking.mlflow`` section (else none; MLflow
+    is imported only then)."""
+    if sweep.tracking.mlflow is None:
+        return []
+    from harness.tracking import mlflow_callback
+
+    return [mlflow_callback(sweep, exp)]
+
+
+def trial_resources(sweep: SweepConfig, exp: Experiment) -> dict[str, float]:
+    """What one trial holds. One worker or none: a plain function trainable holds the trial's
+    resources (a fractional GPU, e.g. 0.5, packs small trials two to a GPU; a 1-worker Train run
+    would add half a dozen coordinating actor processes per trial and nothing else). ``workers > 1``:
+    the trial only drives a TorchTrainer, whose workers hold the resources; the driving trial holds
+    no CPU and is pinned where coordinators run (harness.placement)."""
+    from harness.placement import coordinator_resources
+
+    res = sweep.resources_for(exp.dataset)
+    if res.workers <= 1:
+        return {"cpu": res.cpus, "gpu": res.gpus, **res.custom}
+    return {"cpu": 0, **coordinator_resources(sweep)}
+
 
 def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str, Any] | None, resume: bool,
                    max_concurrent: int | None = None) -> tune.ResultGrid:
     """Run (or restore) one Tune experiment; returns its ResultGrid. ``max_concurrent`` caps trials
-    in flight (the GPU budget's share of this experiment; default ``search.max_concurrent``)."""
-    storage = sweep.storage_path
-    exp_dir = storage / exp.name
-    res = sweep.resources_for(exp.dataset)
-    # workers > 1: the trial itself only drives a TorchTrainer, whose workers hold the resources. One
-    # worker or none: a plain function trainable holds them (a 1-worker Train run would add half a
-    # dozen coordinating actor processes per trial and nothing else).
-    resources = {"cpu": res.cpus, "gpu": res.gpus, **res.custom} if res.workers <= 1 else {"cpu": 0.01}
-    trainable = tune.with_resources(trainable_for(sweep, exp, params), resources)
-    if exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir)):
+    in flight (the GPU budget's share of this experiment; default ``search.max_concurrent``).
+
+    Tune stores the experiment on the sweep's storage (any pyarrow filesystem), trials' Ray
+    checkpoints included, of which it keeps the latest per trial."""
+    store = sweep.store
+    trainable = tune.with_resources(trainable_for(sweep, exp, params), trial_resources(sweep, exp))
+    if store.exists(exp.name) and tune.Tuner.can_restore(store.path(exp.name), storage_filesystem=store.fs):
         if not resume:
-            raise ConfigError(f"{exp_dir} exists: continue with --resume, or give the sweep a new name")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_errored=True, restart_errored=False)
+            raise ConfigError(f"{store.uri(exp.name)} exists: continue with --resume, or give the sweep a new name")
+        tuner = tune.Tuner.restore(store.path(exp.name), trainable, resume_errored=True, restart_errored=False,
+                                   storage_filesystem=store.fs)
         return tuner.fit()
     cap = max_concurrent or sweep.search.max_concurrent
     space = search_space(sweep, exp.method) if exp.phase == "search" else {"seed": tune.grid_search(list(range(n)))}
@@ -144,9 +200,11 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(**tune_settings(sweep, exp, n, cap, space)),
-        run_config=tune.RunConfig(name=exp.name, storage_path=str(storage), verbose=0,
+        run_config=tune.RunConfig(name=exp.name, storage_path=store.root, storage_filesystem=store.fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                  callbacks=[ProgressCallback(sweep.name, exp)]),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest resumes
+                                  callbacks=[ProgressCallback(sweep.name, exp, sweep.storage_uri),
+                                             *tracking_callbacks(sweep, exp)]),
     )
     return tuner.fit()
 
@@ -176,8 +234,7 @@ def trainable_for(sweep: SweepConfig, exp: Experiment, params: dict[str, Any] | 
     parameters) by name per Ray job, so concurrent experiments must not share one."""
     from harness.trial import run_trial
 
-    kw = {"sweep": to_dict(sweep), "dataset": exp.dataset, "method": exp.method,
-          "experiment_dir": str(sweep.storage_path / exp.name)}
+    kw = {"sweep": to_dict(sweep), "dataset": exp.dataset, "method": exp.method, "experiment": exp.name}
     if exp.phase == "final":  # one trial per seed: the seed is the gridded dimension
         def trial(config: dict[str, Any]) -> None:
             run_trial(dict(params or {}), **kw, phase="final", seed=int(config["seed"]))

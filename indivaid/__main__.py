@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from indivaid.config import ConfigError
     from indivaid.data.catalogue import DataError
-    from indivaid.models.backbone import WeightsError
     from indivaid.export import ExportError
+    from indivaid.models.backbone import WeightsError
     from indivaid_field import FieldError
 
     module = importlib.import_module(COMMANDS[argv[0]])

@@ -341,11 +341,13 @@ def cmd_robustness(argv: list[str]) -> None:
     ap.add_argument("--path", help="that dataset's folder")
     ap.add_argument("--split-file", help="a split file (default: the run's split.csv)")
     ap.add_argument("--split", choices=["val", "test"], default="test")
-    ap.add_argument("--corruption", action="append", metavar="NAME", help=f"only these (repeatable): {', '.join(NAMES)}")
+    ap.add_argument("--corruption", action="append", metavar="NAME",
+                    help=f"only these (repeatable): {', '.join(NAMES)}")
     ap.add_argument("--seed", type=int, default=0, help="seeds every random draw of the corruptions")
     ap.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's eval.batch_size)")
     ap.add_argument("--device", help="default: the run's runtime.device")
-    ap.add_argument("--out", help="folder for robustness.json and robustness.png (default: <checkpoint dir>/robustness)")
+    ap.add_argument("--out", help="folder for robustness.json and robustness.png "
+                    "(default: <checkpoint dir>/robustness)")
     args = ap.parse_args(argv)
     unknown = [n for n in args.corruption or [] if n not in NAMES]
     if unknown:

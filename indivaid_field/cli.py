@@ -12,11 +12,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from indivaid_field import FieldError
-from indivaid_field.matching import (Gallery, decide, gallery_mask, key_values, match_rows, print_matches)
+from indivaid_field.matching import Gallery, decide, gallery_mask, key_values, match_rows, print_matches
 from indivaid_field.model import OnnxModel
 from indivaid_field.preprocess import find_images, identity_from_folder, parse_bbox
 from indivaid_field.store import RESERVED, check_model, read_embeddings, write_embeddings

@@ -23,8 +23,8 @@ from indivaid_field import FieldError
 METRICS = ("euclidean", "cosine")
 #: float elements of one (queries x chunk) distance block: bounds the search's working memory
 BLOCK_ELEMENTS = 1 << 22
-#: bytes of gallery vectors handled at once (a centred float32 copy of them is the largest temporary)
-CHUNK_BYTES = 32 << 20
+#: bytes of gallery vectors read at once (only preparing makes a centred float32 copy of them)
+CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,8 @@ class Gallery:
     ``indivaid.eval.distance`` does: re-ID embeddings share a large common component (cosines of
     0.99+ between different animals are common), and ``2 - 2 cos`` in float32 would round such
     neighbours into ties; centred, the same float32 arithmetic resolves them. Preparing costs two
-    passes over ``vectors`` (norms and the mean, then the centred squared norms); ``vectors`` may
-    be a memory map: it is read chunk by chunk, never copied whole."""
+    passes over ``vectors`` (norms and the mean, then the centred squared norms); a search reads
+    each row once. ``vectors`` may be a memory map: it is read chunk by chunk, never copied whole."""
 
     def __init__(self, vectors: np.ndarray, gallery_identity: Sequence[str], metric: str = "euclidean",
                  chunk: int | None = None) -> None:
@@ -143,10 +143,19 @@ class Gallery:
         return int(self.vectors.shape[1])
 
     def _centred(self, s: int, e: int) -> np.ndarray:
-        return np.asarray(self.vectors[s:e], np.float32) * self.inv_norm[s:e, None] - self.centre
+        """Rows ``[s, e)`` normalised and centred: one float32 temporary of the chunk's size."""
+        out = np.multiply(np.asarray(self.vectors[s:e], np.float32), self.inv_norm[s:e, None], dtype=np.float32)
+        out -= self.centre
+        return out
 
-    def _distances(self, q: np.ndarray, q_sq: np.ndarray, s: int, e: int) -> np.ndarray:
-        d2 = q_sq[:, None] + self.sq[None, s:e] - 2.0 * (q @ self._centred(s, e).T)
+    def _distances(self, q: np.ndarray, q_sq: np.ndarray, q_c: np.ndarray, s: int, e: int) -> np.ndarray:
+        """``(Q, e - s)`` distances to gallery rows ``[s, e)``, for centred queries ``q``.
+
+        ``(q - c)·(g/|g| - c) = (q - c)·g / |g| - (q - c)·c``: one float32 product of the small
+        centred query with the raw rows, no centred copy of the gallery (the search reads each row
+        once, as a plain matrix-vector product would)."""
+        dots = (q @ np.asarray(self.vectors[s:e], np.float32).T) * self.inv_norm[s:e] - q_c[:, None]
+        d2 = q_sq[:, None] + self.sq[None, s:e] - 2.0 * dots
         np.maximum(d2, 0.0, out=d2)
         return np.minimum(d2 / 2.0, 2.0) if self.metric == "cosine" else np.sqrt(d2)  # unit vectors: 1 - cos = d²/2
 
@@ -162,10 +171,10 @@ class Gallery:
         parts = []
         for b in range(0, len(q_all), block):
             q = q_all[b : b + block]
-            q_sq = np.square(q).sum(1)
+            q_sq, q_c = np.square(q).sum(1), q @ self.centre
             acc = _Accumulator(len(q), n)
             for s, e, order, starts, ids in self.plan:
-                acc.add(self._distances(q, q_sq, s, e), s, order, starts, ids)
+                acc.add(self._distances(q, q_sq, q_c, s, e), s, order, starts, ids)
             parts.append(_top_k(acc, self.images, k))
         if not parts:
             empty = np.zeros((0, k))

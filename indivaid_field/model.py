@@ -67,7 +67,7 @@ class OnnxModel:
         opts.log_severity_level = 3  # warnings about unused initialisers are noise to a field user
         try:
             self.session = ort.InferenceSession(str(file), opts, providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as e:  # onnxruntime raises its own exception types
+        except Exception as e:  # noqa: BLE001 (onnxruntime's own exception types, not importable by name)
             raise FieldError(f"--onnx {file}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from None
         self.path = file
         self.meta = read_metadata(self.session.get_modelmeta().custom_metadata_map, f"--onnx {file}")

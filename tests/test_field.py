@@ -25,7 +25,7 @@ def test_field_package_never_imports_torch_ray_or_open_clip():
         "print(len([n for n in sys.modules if n.startswith('indivaid_field')]), bad)\n"
         "assert not bad, bad\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr + out.stdout
     assert int(out.stdout.split()[0]) >= 7  # the walk really imported the package (cli, model, matching, ...)
 

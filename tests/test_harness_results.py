@@ -39,34 +39,49 @@ def test_every_result_key_has_a_typed_column_and_an_empty_table_has_them_all():
     assert old.columns == [*TRIAL_SCHEMA, f"{PARAM_PREFIX}stage2.lr"]
 
 
-def _trial_folder(exp: Path, name: str, *, result: dict[str, Any] | None, reports: list[dict[str, Any]]) -> None:
+def _trial_folder(exp: Path, name: str, *, result: dict[str, Any] | None) -> None:
     trial = exp / name
     (trial / "run").mkdir(parents=True)
     info = {"trial_id": name, "dataset": "synthetic", "method": "clipreid", "phase": "search", "seed": 0,
             "params": {"stage2.lr": 1e-4}, "node_id": "n0", "started": 1000.0}
     (trial / "trial.json").write_text(json.dumps(info))
     (trial / "starts.jsonl").write_text(json.dumps({"time": 1000.0}) + "\n")
-    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reports))
     if result is not None:
         (trial / "run" / "result.json").write_text(json.dumps(result))
+        (trial / "run" / "model.pt").write_bytes(b"m" * 7)
+    (trial / "checkpoint_000002").mkdir()
+    (trial / "checkpoint_000002" / "checkpoint.pt").write_bytes(b"c" * 11)  # Tune keeps the latest
 
 
-def test_collect_reads_open_set_and_run_numbers_into_their_columns(tmp_path: Path, data_root: Path):
+def test_collect_reads_open_set_and_run_numbers_into_their_columns(tmp_path: Path, data_root: Path, monkeypatch):
+    import harness.results as results
+
     sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
     exp = sweep.storage_path / "search-synthetic-clipreid"
     val = {"mAP": 0.5, "rank1": 0.6, "BAKS": 0.4, "BAUS": 0.7, "GM": 0.53, "AUROC": 0.6, "threshold": 0.8}
     history = [{"stage": 2, "epoch": e, "s2_epoch": e, "val_mAP": 0.1 * e, "lr": 1e-4} for e in (1, 2, 3, 4)]
     _trial_folder(exp, "done", result={"val": val, "test": None, "fusion_departure": 0.25, "images_per_s": 90.0,
-                                       "wall_s": 5.0, "history": history}, reports=[{**history[-1], "timestamp": 1010.0}])
-    _trial_folder(exp, "going", result=None, reports=[{"stage": 2, "s2_epoch": 1, "val_mAP": 0.2, "timestamp": 1003.0}])
+                                       "wall_s": 5.0, "history": history})
+    _trial_folder(exp, "going", result=None)
+    _trial_folder(exp, "failed", result=None)
+    (exp / "attempts.json").write_text(json.dumps({"failed": 2}))  # counted by the progress callback
+    going = [{"stage": 2, "s2_epoch": 1, "val_mAP": 0.2, "lr": 1e-4, "timestamp": 1003.0}]
+    tune = {"done": results.TuneTrial("TERMINATED", {**history[-1], "timestamp": 1010.0}, history, None),
+            "going": results.TuneTrial("RUNNING", going[-1], going, None),
+            "failed": results.TuneTrial("ERROR", going[-1], going, "TrainingError: stage 2, epoch 1: loss")}
+    monkeypatch.setattr(results, "tune_trials", lambda store, experiment: tune)  # Tune's record, as Ray reads it
     t = collect(sweep).sort("trial_id")
-    assert dict(t.select(list(TRIAL_SCHEMA)).schema) == TRIAL_SCHEMA and t[f"{PARAM_PREFIX}stage2.lr"].to_list() == [1e-4, 1e-4]
-    done, going = t.row(0, named=True), t.row(1, named=True)
-    assert done["status"] == "completed" and going["status"] == "running"
+    assert dict(t.select(list(TRIAL_SCHEMA)).schema) == TRIAL_SCHEMA and t[f"{PARAM_PREFIX}stage2.lr"].to_list() == [1e-4] * 3
+    done, failed, going_row = (t.row(i, named=True) for i in range(3))
+    assert (done["status"], going_row["status"], failed["status"]) == ("completed", "running", "error")
+    assert failed["error"] == "TrainingError: stage 2, epoch 1: loss" and failed["attempts"] == 2
+    assert done["attempts"] == 1 and done["error"] is None
     assert (done["val_BAKS"], done["val_threshold"], done["fusion_departure"]) == (0.4, 0.8, 0.25)
     assert done["test_GM"] is None and done["stage1_loss_slope"] is None  # absent keys: null, not an error
     assert done["best_val_mAP"] == pytest.approx(0.5) and done["epochs_at_base_lr"] == 4
-    assert going["val_mAP"] == 0.2 and going["val_BAKS"] is None and going["wall_s"] == pytest.approx(3.0)
+    assert (done["model_bytes"], done["ckpt_kept_bytes"]) == (7, 11)
+    assert done["checkpoint_path"] == str(exp / "done" / "run" / "model.pt") and going_row["checkpoint_path"] is None
+    assert going_row["val_mAP"] == 0.2 and going_row["val_BAKS"] is None and going_row["wall_s"] == pytest.approx(3.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,20 +137,25 @@ def test_progress_callback_pushes_each_trials_state_to_the_board(tmp_path: Path)
     from harness.tuning import ProgressCallback
 
     board = ProgressBoard()
-    cb = ProgressCallback("t", Experiment("search", "synthetic", "clipreid"))
+    exp = Experiment("search", "synthetic", "clipreid")
+    storage = tmp_path / "results"
+    cb = ProgressCallback("t", exp, str(storage))
+    cb.setup()
     cb._board, cb._looked = FakeBoardHandle(board), time.monotonic()
-    a, b, c = _trial("a", tmp_path / "a"), _trial("b", tmp_path / "b"), _trial("c", tmp_path / "c")
+    folder = storage / exp.name
+    a, b, c = _trial("a", folder / "a"), _trial("b", folder / "b"), _trial("c", folder / "c")
     for t in (a, b, c):
         cb.on_trial_start(0, [], t)
     cb.on_trial_result(0, [], a, {"s2_epoch": 1, "best_val_mAP": 0.4})
     cb.on_trial_recover(0, [], a)  # a crash: Tune restarts it, whose running best starts over
+    cb.on_trial_start(0, [], a)
     cb.on_trial_result(0, [], a, {"s2_epoch": 2, "best_val_mAP": 0.3})
     a.last_result = {"s2_epoch": 2, "run_finished": 0.0}
     cb.on_trial_complete(0, [], a)  # ASHA stopped it before its results were written
     b.last_result = {"s2_epoch": 4, "run_finished": 1.0}
     cb.on_trial_complete(0, [], b)
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / TIMEOUT_FILE).write_text("{}")
+    (folder / "c").mkdir(parents=True)
+    (folder / "c" / TIMEOUT_FILE).write_text("{}")
     cb.on_trial_error(0, [], c)
     snap = board.snapshot()
     assert snap["a"]["status"] == "stopped" and snap["a"]["attempts"] == 2 and snap["a"]["best"] == 0.4
@@ -143,6 +163,12 @@ def test_progress_callback_pushes_each_trials_state_to_the_board(tmp_path: Path)
     counts = group_counts(snap.values())[("synthetic", "clipreid")]
     assert (counts["running"], counts["completed"], counts["stopped"], counts["timeout"], counts["retries"]) == (0, 1, 1, 1, 1)
     assert "_board" not in {k for k, v in cb.__getstate__().items() if v is not None}  # a handle is never pickled
+    # the starts are kept on the storage: a resumed search's callback (set up again) goes on counting
+    assert json.loads((folder / "attempts.json").read_text()) == {"a": 2, "b": 1, "c": 1}
+    again = ProgressCallback("t", exp, str(storage))
+    again.setup()
+    again.on_trial_start(0, [], b)
+    assert json.loads((folder / "attempts.json").read_text())["b"] == 2
 
 
 def test_live_table_reads_the_board_and_keeps_its_last_snapshot_when_the_board_is_gone(tmp_path: Path,

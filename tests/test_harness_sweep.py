@@ -164,8 +164,8 @@ def test_reproduce_reruns_a_recorded_trial_to_the_same_numbers(ray_local, data_r
 
 @pytest.mark.timeout(600)
 def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, data_root: Path, tmp_path: Path):
-    """SIGKILL a trial's process once its trainer has checkpointed: Tune restarts it and the trainer
-    resumes from that checkpoint instead of starting over."""
+    """SIGKILL a trial's process once it has reported a Ray checkpoint: Tune restarts it and the
+    trainer resumes from that checkpoint (``tune.get_checkpoint()``) instead of starting over."""
     import signal
     import threading
 
@@ -176,12 +176,13 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, data_root: Path
     killed: list[int] = []
 
     def kill_after_first_checkpoint() -> None:
-        # The trainer's own checkpoint file (written by the trial process, unlike Tune's result.json,
-        # which the driver writes with a lag) says the run has something to resume from.
+        # A Ray checkpoint in the trial's storage folder (Tune stores it while the trial reports, unlike
+        # Tune's result.json, which the driver writes with a lag) says the run has something to resume
+        # from; the second one, for Tune to have registered the first (it keeps only the latest).
         deadline = time.time() + 300
         while time.time() < deadline:
-            for ckpt in sweep.storage_path.glob("search-*/*/run/checkpoint.pt"):
-                pid = json.loads((ckpt.parents[1] / "starts.jsonl").read_text().splitlines()[0])["pid"]
+            for ckpt in sweep.storage_path.glob("search-*/*/checkpoint_000001"):
+                pid = json.loads((ckpt.parent / "starts.jsonl").read_text().splitlines()[0])["pid"]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -206,7 +207,7 @@ def test_preflight_runs_each_dataset_method_once_for_a_few_steps(ray_local, data
     from harness.rehearsal import preflight, preflight_rows, preflight_sweep
 
     sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["indivaid", "zeroshot"]))
-    report = preflight(sweep, steps=2)
+    report = Path(preflight(sweep, steps=2))
     psweep = preflight_sweep(sweep, 2)
     t = pl.read_parquet(psweep.storage_path / "trials.parquet")
     assert sorted(t["method"]) == ["indivaid", "zeroshot"] and (t["status"] == "completed").all()  # once each
@@ -228,7 +229,8 @@ def test_a_trial_past_its_time_limit_is_stopped_and_recorded_as_timeout(ray_loca
     t = pl.read_parquet(run_sweep(load_sweep(f)))
     assert t.height == 1 and t["status"][0] == "timeout" and t["stop_reason"][0] == "timeout"
     assert "trial_timeout_minutes" in t["error"][0]  # the restart failed at once, naming the limit
-    assert t["attempts"][0] == 1 and time.time() - started < 240  # the 5000-epoch run (minutes at least) was cut short
+    # two starts: the one the watchdog ended and Tune's restart, which failed at once
+    assert t["attempts"][0] == 2 and time.time() - started < 240  # the 5000-epoch run (minutes at least) was cut short
     trial_dir = next((tmp_path / "results").glob("search-*/*/timeout.json")).parent
     assert not (trial_dir / "run" / "result.json").exists()
 
@@ -252,7 +254,7 @@ def test_progress_board_feeds_the_live_table_and_is_made_again_when_lost(ray_loc
     board = start_board(sweep.name)
     assert board is not None and find_board(sweep.name) is not None
     progress = SweepProgress(sweep, total=3, board=board)
-    cb = ProgressCallback(sweep.name, Experiment("search", "synthetic", "clipreid"))
+    cb = ProgressCallback(sweep.name, Experiment("search", "synthetic", "clipreid"), sweep.storage_uri)
     trials = [SimpleNamespace(trial_id=i, path=str(tmp_path / i), last_result={}) for i in ("a", "b")]
     for t in trials:
         cb.on_trial_start(0, trials, t)

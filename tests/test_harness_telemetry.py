@@ -31,7 +31,6 @@ from test_harness_sweep import sweep_file
 
 from harness.config import load_sweep
 from harness.dashboard import auth_hint
-from harness.telemetry import SweepScanner, TrialState
 
 PROMETHEUS = shutil.which("prometheus")
 SWEEP_NAME = "t"  # test_harness_sweep.sweep_file's
@@ -55,42 +54,34 @@ def test_auth_hint_says_where_the_token_comes_from_and_never_what_it_is():
     assert auth_hint(None, False, {}) == "Dashboard authentication: off (no token needed)."
 
 
-def test_trial_state_reads_appended_rows_and_keeps_the_best_measured_score(tmp_path: Path):
-    f = tmp_path / "result.json"
-    rows = [{"stage": 1, "epoch": 1, "s2_epoch": 0, "val_mAP": 0.9},  # zero-shot score carried by stage 1
-            {"stage": 2, "epoch": 1, "s2_epoch": 1, "val_mAP": 0.9},  # still carried: first validation at 2
-            {"stage": 2, "epoch": 2, "s2_epoch": 2, "val_mAP": 0.3},
-            {"stage": 2, "epoch": 3, "s2_epoch": 3, "val_mAP": 0.3}]
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": 2, "epoch": 4, "s2_ep')  # half-written
-    state = TrialState("synthetic", "clipreid", every=2, epochs=4)
-    state.read(f)
-    assert state.best == 0.3 and state.last["s2_epoch"] == 3
-    f.write_text(f.read_text() + 'och": 4, "val_mAP": 0.25}\n')
-    state.read(f)
-    assert state.best == 0.3 and state.last == {"stage": 2, "epoch": 4, "s2_epoch": 4, "val_mAP": 0.25}
-    f.write_text(json.dumps({"stage": 0, "epoch": 0, "s2_epoch": 0, "val_mAP": 0.1}) + "\n")  # replaced: start over
-    state.read(f)
-    assert state.best == 0.1
+def test_sweep_metrics_count_the_live_tables_states_and_end_with_the_results_files(tmp_path: Path, data_root: Path,
+                                                                                     monkeypatch):
+    """The sweep-level series come from the states the live table shows (no storage read); the last
+    publish, from the results file's rows, so the final values equal trials.parquet's."""
+    import harness.telemetry as telemetry
 
+    set_values: dict[tuple, float] = {}
 
-def test_scanner_counts_trials_by_status_from_storage(tmp_path: Path, data_root: Path):
+    class Gauge:
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            set_values[tuple(sorted(tags.items()))] = value
+
+    monkeypatch.setattr(telemetry, "_gauges", lambda: {"trials": Gauge(), "best": Gauge()})
     sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
-    exp = sweep.storage_path / "search-synthetic-clipreid"
-    for name, result, progress in (("a", True, [0.2, 0.4]), ("b", False, [0.5])):
-        trial = exp / name
-        (trial / "run").mkdir(parents=True)
-        info = {"dataset": "synthetic", "method": "clipreid", "params": {}, "seed": 0}
-        (trial / "trial.json").write_text(json.dumps(info))
-        (trial / "result.json").write_text("".join(
-            json.dumps({"stage": 2, "s2_epoch": i + 1, "val_mAP": v}) + "\n" for i, v in enumerate(progress)))
-        if result:
-            (trial / "run" / "result.json").write_text("{}")
-    scanner = SweepScanner(sweep)
-    counts = scanner.scan()[("synthetic", "clipreid")]
-    assert counts.statuses == {"running": 1, "completed": 1, "stopped": 0, "error": 0, "timeout": 0} and counts.best == 0.5
-    (exp / ".harness-finished").touch()  # the experiment ended: the unfinished trial was stopped by ASHA
-    counts = scanner.scan()[("synthetic", "clipreid")]
-    assert counts.statuses == {"running": 0, "completed": 1, "stopped": 1, "error": 0, "timeout": 0}
+    live = [{"dataset": "synthetic", "method": "clipreid", "status": "running", "attempts": 1, "best": 0.5},
+            {"dataset": "synthetic", "method": "clipreid", "status": "completed", "attempts": 2, "best": 0.4}]
+    metrics = telemetry.SweepMetrics(sweep, lambda: live)
+    metrics.publish()
+    tags = {"sweep": "t", "dataset": "synthetic", "method": "clipreid"}
+
+    def count(status: str) -> float:
+        return set_values[tuple(sorted({**tags, "status": status}.items()))]
+
+    assert (count("running"), count("completed"), count("stopped"), count("timeout")) == (1, 1, 0, 0)
+    assert set_values[tuple(sorted(tags.items()))] == 0.5
+    final = [{**live[0], "status": "stopped"}, live[1]]
+    metrics.publish(final)
+    assert (count("running"), count("completed"), count("stopped")) == (0, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------

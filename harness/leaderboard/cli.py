@@ -31,17 +31,19 @@ from harness.leaderboard.plots import render_plots
 from harness.leaderboard.published import load_published, published_rows
 from harness.leaderboard.render import render_csv, render_html, render_json, render_markdown, render_rich
 from harness.leaderboard.stats import aggregate, full_table
+from harness.storage import is_uri
 from indivaid.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
-def report_dir(dirs: Sequence[Path], given: bool) -> Path:
+def report_dir(dirs: Sequence[str | Path], given: bool) -> Path:
     """Where leaderboard.md/.csv and the plots go: the results folder (the first given dir, or its
-    parent when it is itself a sweep folder); results/ by default."""
-    if not given:
+    parent when it is itself a sweep folder); results/ by default, and when the first is a URI
+    (report files are written here, not into an object store)."""
+    if not given or is_uri(str(dirs[0])):
         return Path("results")
-    first = dirs[0]
+    first = Path(dirs[0])
     return first.parent if (first / "trials.parquet").is_file() else first
 
 
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"only with at least {MIN_PAIRS} paired seeds (fewer: Δ shown, not tested), Holm across datasets "
             f"per method, alpha = {ALPHA}. Exit status 2 on bad input.")))
     ap.add_argument("dirs", nargs="*", metavar="RESULTS_DIR",
-                    help="results folders to search for sweeps (or sweep folders); default: results/")
+                    help="results folders to search for sweeps (or sweep folders), local or a URI such as "
+                         "s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http; default: results/")
     ap.add_argument("--format", choices=("rich", "markdown", "csv", "json", "html"), default="rich",
                     help="what to print or write to --out (default: a rich table)")
     ap.add_argument("--out", type=Path, metavar="PATH", help="write --format to PATH instead of printing it")
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    dirs = [Path(d) for d in args.dirs] or [Path("results")]
+    dirs: list[str | Path] = [d if is_uri(d) else Path(d) for d in args.dirs] or [Path("results")]
     try:
         loaded = load_results(dirs)
         trials = loaded.trials if args.all else select_newest(loaded.trials)

@@ -1,8 +1,13 @@
 """Finding and reading sweep folders: ``trials.parquet`` conformed to the results schema
-(harness.results), ``manifest.json`` checked for its schema version, newest sweep per dataset x method."""
+(harness.results), ``manifest.json`` checked for its schema version, newest sweep per dataset x method.
+
+A results location is a local folder or any URI the sweep's storage takes (``s3://bucket/prefix?
+endpoint_override=HOST:PORT&scheme=http``, ``gs://``, ``file://``): its files are read through
+harness.storage, so a leaderboard of a cluster's S3 results needs no copy."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -15,6 +20,7 @@ import polars as pl
 
 from harness.leaderboard.common import REHEARSAL_MARK, LeaderboardError
 from harness.results import SCHEMA_VERSION, TRIAL_SCHEMA, conform
+from harness.storage import Storage, child, is_uri, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +69,60 @@ def find_sweep_dirs(dirs: Sequence[Path]) -> list[Path]:
     return [unique[k] for k in sorted(unique)]
 
 
-def read_manifest(sweep_dir: Path, supported: int) -> dict[str, Any]:
+def find_remote_sweeps(location: str) -> list[str]:
+    """Sweep folders at or below a URI, as :func:`find_sweep_dirs` finds them on a local disk (one
+    listing per folder visited), as URIs."""
+    try:
+        store = open_storage(location)
+        found: list[str] = []
+
+        def walk(rel: str, depth: int) -> None:
+            entries = {i.base_name: i for i in store.list(rel)}
+            if "trials.parquet" in entries:
+                found.append(child(location, rel))
+                return
+            if "sweep.yaml" in entries or "manifest.json" in entries:
+                log.warning("%s: sweep folder without trials.parquet (no experiment finished yet): skipped",
+                            store.uri(rel))
+                return
+            if depth >= MAX_DEPTH:
+                return
+            for name, entry in sorted(entries.items()):
+                if entry.type.name == "Directory" and not name.startswith(".") and name != "cache":
+                    walk(f"{rel}/{name}".strip("/"), depth + 1)
+
+        walk("", 0)
+    except Exception as e:  # pyarrow's errors for a wrong endpoint, bucket or credentials vary by store
+        raise LeaderboardError(f"{location}: cannot list it ({e})") from None
+    return found
+
+
+def sweep_locations(locations: Sequence[str | Path]) -> list[tuple[str, Storage]]:
+    """(how to name it, its storage) of every sweep folder at or below each location."""
+    out: list[tuple[str, Storage]] = []
+    local = [Path(loc) for loc in locations if not is_uri(str(loc))]
+    out += [(str(d), open_storage(str(d))) for d in find_sweep_dirs(local)]
+    for loc in locations:
+        if is_uri(str(loc)):
+            out += [(uri, open_storage(uri)) for uri in find_remote_sweeps(str(loc))]
+    return out
+
+
+def read_manifest(sweep_dir: Storage | Path, supported: int) -> dict[str, Any]:
     """The sweep's manifest.json, refusing a missing one (sweep not finished writing) or another schema."""
-    path = sweep_dir / "manifest.json"
-    if not path.is_file():
+    store = sweep_dir if isinstance(sweep_dir, Storage) else open_storage(str(sweep_dir))
+    path = store.uri("manifest.json")
+    try:
+        text = store.read_text("manifest.json")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeaderboardError(f"{path}: unreadable manifest ({e})") from None
+    if text is None:
         raise LeaderboardError(
             f"{path} is missing: the sweep did not finish writing its results; re-run it with "
-            f"`python -m harness.sweep FILE --resume` (its config is in {sweep_dir / 'sweep.yaml'})")
+            f"`python -m harness.sweep FILE --resume` (its config is in {store.uri('sweep.yaml')})")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
         raise LeaderboardError(f"{path}: unreadable manifest ({e})") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != supported:
@@ -81,40 +131,43 @@ def read_manifest(sweep_dir: Path, supported: int) -> dict[str, Any]:
     return manifest
 
 
-def read_trials(path: Path) -> pl.DataFrame:
-    """trials.parquet conformed to the results schema (every column in its dtype, absent ones null:
-    older files and partial sweeps load the same way), plus the params."""
+def read_trials(path: Storage | Path) -> pl.DataFrame:
+    """trials.parquet (a file, or the one in a sweep's storage) conformed to the results schema
+    (every column in its dtype, absent ones null: older files and partial sweeps load the same
+    way), plus the params."""
+    where = path.uri("trials.parquet") if isinstance(path, Storage) else str(path)
     try:
-        df = pl.read_parquet(path)
+        df = pl.read_parquet(io.BytesIO(path.read_bytes("trials.parquet") or b"") if isinstance(path, Storage) else path)
     except (pl.exceptions.PolarsError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LeaderboardError(f"{path}: unreadable parquet file ({first})") from None
+        raise LeaderboardError(f"{where}: unreadable parquet file ({first})") from None
     if df.height == 0:  # harness.sweep writes an empty table before any trial has a folder
-        log.warning("%s: no trials yet", path)
+        log.warning("%s: no trials yet", where)
         return pl.DataFrame(schema=TRIAL_SCHEMA)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise LeaderboardError(f"{path}: not a trials table (missing column(s) {', '.join(missing)})")
+        raise LeaderboardError(f"{where}: not a trials table (missing column(s) {', '.join(missing)})")
     out = conform(df)
     # a NaN metric (a diverged run) is a missing value, not a number to average or test
     return out.with_columns(pl.col(pl.Float64).fill_nan(None))
 
 
-def load_results(dirs: Sequence[Path]) -> Loaded:
-    """Every sweep under dirs, concatenated; each row labelled with its sweep (``sweep_id``) and the
-    sweep's age (``_order``: 0 = oldest, by manifest started_at (older files: written_at), else the
-    newest trial's created_at)."""
-    sweep_dirs = find_sweep_dirs(dirs)
+def load_results(dirs: Sequence[str | Path]) -> Loaded:
+    """Every sweep under dirs (local folders or URIs), concatenated; each row labelled with its sweep
+    (``sweep_id``) and the sweep's age (``_order``: 0 = oldest, by manifest started_at (older
+    files: written_at), else the newest trial's created_at)."""
+    sweep_dirs = sweep_locations(dirs)
     if not sweep_dirs:
         where = ", ".join(str(d) for d in dirs)
         raise LeaderboardError(f"no results found: no trials.parquet in {where} or its subfolders; "
                                f"`python -m harness.sweep sweeps/smoke.yaml` creates some")
     supported = supported_schema_version()
     frames, infos = [], []
-    for d in sweep_dirs:
-        manifest = read_manifest(d, supported)
-        trials = read_trials(d / "trials.parquet")
-        name = (manifest.get("sweep") or {}).get("name") or (trials["sweep_id"].drop_nulls().first()) or d.name
+    for d, store in sweep_dirs:
+        manifest = read_manifest(store, supported)
+        trials = read_trials(store)
+        name = (manifest.get("sweep") or {}).get("name") or (trials["sweep_id"].drop_nulls().first()) or \
+            d.rstrip("/").rsplit("/", 1)[-1]
         # when the sweep started: a later --resume rewrites written_at but is not a newer sweep
         stamp = manifest.get("started_at", manifest.get("written_at"))
         if not isinstance(stamp, (int, float)):

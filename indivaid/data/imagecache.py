@@ -25,8 +25,7 @@ import torch
 from indivaid.data.catalogue import DataError, list_paths
 from indivaid.data.split import Split
 from indivaid.utils.io import atomic_write_text, file_lock, stable_hash
-# decoding lives in the torch-free field package, so ONNX Runtime inference sees the same pixels
-from indivaid_field.preprocess import LETTERBOX_FILL, load_image  # noqa: F401 (re-exported)
+from indivaid_field.preprocess import LETTERBOX_FILL, load_image  # noqa: F401 (shared with ONNX Runtime inference)
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,13 @@ to 8 bits (a corrupted photo is still a photo): kornia where it has the operatio
 brightness, motion blur, filtering with a defocus disk, differentiable JPEG, antialiased
 resizing), a few lines of torch where it does not (colour cast, haze, noise, occlusion). Sizes
 (blur kernels, patches) scale with the image, so a severity means the same at 48 x 96 and at
-256 x 128. Blur starts where it changes a ViT's view of the animal: with 16-px patches, blur much
-smaller than a patch is averaged away by the patch embedding (ImageNet-C's mildest defocus, 1-2 %
-of the side, left the tiny test model's mAP unchanged); severity 3 is a badly smeared night shot
-(a motion trail half the short side long, a defocus disk 40 % of it across). Every random draw comes from a generator seeded by (seed, corruption, severity): a
-rerun with the same seed and batch size gives the same scores.
+256 x 128. Blur starts where it changes a ViT's view of the animal: blur much smaller than a
+16-px patch is averaged away by the patch embedding (defocus radii of 3 and 6 % of the short side,
+the range of ImageNet-C's, left the tiny test model's mAP unchanged); severity 3 is a badly smeared night shot (a
+motion trail half the short side long, a defocus disk 40 % of it across).
+
+Every random draw comes from a generator seeded by (seed, corruption, severity): a rerun with the
+same seed and batch size gives the same scores.
 
 ``robustness_scores(checkpoint, ...)`` returns a JSON-ready dict; ``summary_metrics`` flattens it
 for a results table (the sweep harness records these per final model).
@@ -56,7 +58,7 @@ class Corruption:
 
 def _odd(value: float, minimum: int = 3) -> int:
     """The odd integer nearest to ``value`` (kernel sizes), at least ``minimum``."""
-    return max(minimum, 2 * int(round((value - 1) / 2)) + 1)
+    return max(minimum, 2 * round((value - 1) / 2) + 1)
 
 
 def _uniform(n: int, low: float, high: float, x: Tensor, gen: torch.Generator) -> Tensor:
@@ -259,7 +261,8 @@ def robustness_scores(checkpoint: str | Path, *, dataset: str | None = None, pat
         cells[c.name] = []
         for sev in SEVERITIES:
             gen = generator_for(seed, c.name, sev, dev)
-            qf = _features(model, queries, len(q_rows), batch, lambda x, c=c, sev=sev: corrupt(x, c, sev, gen))
+            qf = _features(model, queries, len(q_rows), batch,
+                           lambda x, c=c, sev=sev, gen=gen: corrupt(x, c, sev, gen))
             cell = {"severity": sev, "level": c.levels[sev - 1], **_scores(score(qf), clean)}
             cells[c.name].append(cell)
             log.info("%s severity %d: mAP %.1f%% (%.0f%% of clean)", c.name, sev, 100 * cell["mAP"],

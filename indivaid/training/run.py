@@ -164,7 +164,8 @@ class Run:
         state = {"format": ckpt.TRAIN_FORMAT, "config_hash": self.config_hash(), "split_hash": self.split.hash,
                  "stage": stage, "epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()},
                  "optimizer": opt.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
-                 "last_val": self.last_val, "stage1_steps": self.stage1_steps, "diagnostics": self.diagnostics}
+                 "last_val": self.last_val, "diagnostics": self.diagnostics,
+                 "stage1_steps": torch.tensor(self.stage1_steps, dtype=torch.float64).reshape(-1, 2)}
         ckpt.save(state, self.ckpt_path)
         entry = {"stage": stage, "epoch": epoch, "bytes": self.ckpt_path.stat().st_size, "time": time.time()}
         with open(self.workdir / "checkpoints.jsonl", "a") as f:  # what was written, for the disk budget
@@ -185,8 +186,8 @@ class Run:
                                 "use a fresh workdir (or delete the checkpoint to start over)")
         self.history = list(state["history"])
         self.last_val = dict(state["last_val"])
-        self.stage1_steps = [tuple(s) for s in state.get("stage1_steps", [])]
-        self.diagnostics = dict(state.get("diagnostics", {}))
+        self.stage1_steps = [(loss, lr) for loss, lr in state["stage1_steps"].tolist()]
+        self.diagnostics = dict(state["diagnostics"])
         ckpt.set_rng_state(state["rng"])  # batches and augmentations are seeded per epoch; this covers the rest
         log.info("resuming from %s (stage %d, epoch %d)", self.ckpt_path, state["stage"], state["epoch"])
         return state

@@ -26,7 +26,7 @@ from indivaid.training.system import ReIDSystem
 #: The last fraction of stage 1's learning (its summed learning rate) whose loss trend is measured.
 PLATEAU_TAIL = 0.1
 #: ``stage1_plateau`` holds when that last tenth of the learning lowered the loss by less than this
-#: fraction of stage 1's whole decrease (a loss still falling as on average gives about 0.11).
+#: fraction of stage 1's whole decrease (a loss still falling as fast as on average gives about -0.11).
 PLATEAU_TOLERANCE = 0.02
 
 
@@ -53,7 +53,8 @@ def loss_slope(losses: Sequence[float], lrs: Sequence[float], tail: float = PLAT
     Why weighted by the lr: stage 1's cosine schedule runs its last tenth of *steps* below 3 % of the
     base lr, where any loss looks flat. Why over the stage's decrease, not the loss level: the
     contrastive loss has a high floor (log of the batch's identities), so changes are small beside it.
-    NaN when fewer than 3 steps carry the tail, or the loss did not fall over the stage at all.
+    The tail takes at least the last three steps. NaN with fewer than four steps, or when the loss
+    did not fall over the stage at all.
     """
     lr = torch.tensor(lrs, dtype=torch.float64)
     y = torch.tensor(losses, dtype=torch.float64)
