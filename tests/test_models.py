@@ -95,6 +95,33 @@ def test_attention_fusion_starts_exactly_at_the_mean():
         build_fusion("attention", 16, FusionConfig(heads=5))
 
 
+def test_attention_fusion_equals_multihead_attention_on_the_mean_query():
+    """The fast path (no projection of the descriptions) is nn.MultiheadAttention with the mean as
+    query, in value and in every parameter gradient, with skewed identity sizes and padding."""
+    torch.manual_seed(0)
+    counts = torch.tensor([1, 2, 7, 3, 12])
+    labels = torch.repeat_interleave(torch.arange(5), counts)
+    padded, mask = pad_descriptions(torch.randn(len(labels), 32), labels, 5)
+    fusion = build_fusion("attention", 32, FusionConfig(heads=4))
+    for p in fusion.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        mean = x.sum(1) / mask.sum(1, keepdim=True)  # the padding is zero
+        out, _ = fusion.attn(mean.unsqueeze(1), x, x, key_padding_mask=~mask, need_weights=False)
+        return mean + out.squeeze(1)
+
+    out, ref = fusion(padded, mask), reference(padded)
+    assert torch.allclose(out, ref, atol=1e-5)
+    g_fast = torch.autograd.grad(out.square().sum(), list(fusion.parameters()))
+    g_ref = torch.autograd.grad(ref.square().sum(), list(fusion.parameters()))
+    for a, b in zip(g_fast, g_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    other = padded * 2  # another description cache: the memoised mean is not reused
+    assert torch.allclose(fusion(other, mask), reference(other), atol=1e-5)
+    padded.mul_(3)  # the same cache modified in place: recomputed too
+    assert torch.allclose(fusion(padded, mask), reference(padded), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", FUSIONS.names())
 def test_every_fusion_maps_masked_descriptions_to_one_per_identity(name: str):
     """The registry contract: (C, N, D) + mask -> (C, D), padding ignored, searchable keys real."""

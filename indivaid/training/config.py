@@ -141,6 +141,10 @@ class RuntimeConfig:
     # Caps every epoch's optimiser steps (rehearsals on CPU); epoch counts, stage 1's step budget in
     # epochs, schedules and evaluation cadence stay as configured.
     max_steps_per_epoch: int | None = field(default=None, metadata={"ge": 1})
+    # torch.compile the stage-2 image tower and head. None: on for CUDA, off elsewhere (on CPU the
+    # one-off compile costs more than a short run gains). A failed compile falls back to eager.
+    compile: bool | None = field(default=None, metadata={"omit_default": True})
+    compile_backend: str = field(default="inductor", metadata={"omit_default": True})  # e.g. aot_eager to debug
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ class Runtime:
     amp_dtype: torch.dtype | None  # None: full fp32
     rank: int = 0
     world_size: int = 1
+    compile: bool = False  # torch.compile the stage-2 image tower and head
+    compile_backend: str = "inductor"
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +58,8 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return Runtime(device, torch.bfloat16 if use_bf16 else None, rank, world)
+    compile_ = device.type == "cuda" if cfg.compile is None else cfg.compile
+    return Runtime(device, torch.bfloat16 if use_bf16 else None, rank, world, compile_, cfg.compile_backend)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

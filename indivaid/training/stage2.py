@@ -19,6 +19,7 @@ from indivaid.data.augment import AugmentConfig, train_transform
 from indivaid.data.sampler import PKSampler
 from indivaid.losses import batch_hard_triplet, cross_entropy_ls, similarity
 from indivaid.models.fusion import departure_from_mean, pad_descriptions
+from indivaid.training.compiling import maybe_compile
 from indivaid.training.config import Stage2Config
 from indivaid.training.features import ImageSource
 from indivaid.training.run import Run, ScaleHolder, check_finite, wrap_ddp
@@ -70,13 +71,18 @@ def stage2_optimizer(system: ReIDSystem, cfg: Stage2Config, fusion_lr: float) ->
 class Stage2Net(nn.Module):
     """Image encoder + head (+ fusion) as one module, so DDP syncs all their gradients."""
 
-    def __init__(self, system: ReIDSystem) -> None:
+    def __init__(self, system: ReIDSystem, rt: Runtime | None = None) -> None:
         super().__init__()
         self.image, self.head, self.fusion = system.image, system.head, system.fusion
+        self.encode = maybe_compile(self._encode, "stage-2 image tower and head", rt is not None and rt.compile,
+                                    rt.compile_backend if rt is not None else "inductor")
+
+    def _encode(self, x: Tensor, cams: Tensor | None):
+        f = self.image(x, cams)
+        return f, self.head(f)
 
     def forward(self, x: Tensor, cams: Tensor | None, desc: Descriptions):
-        f = self.image(x, cams)
-        h = self.head(f)
+        f, h = self.encode(x, cams)
         text = self.fusion(*desc)
         return f, h, text
 
@@ -142,7 +148,7 @@ def stage2(run: Run, feats: dict[str, Tensor], state: dict | None, finish: Calla
     if not run.scores_val:
         run.validate()  # NaN scores: no stale zero-shot ones in the stage-2 rows of a run trained on validation
     system.train()
-    net = wrap_ddp(Stage2Net(system), rt)
+    net = wrap_ddp(Stage2Net(system, rt), rt)
     sampler = PKSampler(run.train_labels.numpy(), cfg.batch_p, cfg.batch_k, seed=run.cfg.runtime.seed + 1,
                         rank=rt.rank, world_size=rt.world_size)
     sie = run.train_sie
