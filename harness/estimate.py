@@ -16,6 +16,7 @@ from indivaid.data.adapters import make_adapter, open_dataset
 from indivaid.data.catalogue import DataError
 from indivaid.data.split import build_split
 from indivaid.methods import METHODS
+from indivaid.models.backbone import patch_grid
 from indivaid.training import TrainConfig
 from indivaid.utils.io import data_root
 
@@ -78,8 +79,8 @@ def trial_gpu_seconds(cfg: TrainConfig, counts: ImageCounts, evaluate_test: bool
     patch = RATED_BACKBONES.get(cfg.model.backbone)
     if patch is None:
         return None
-    h, w = cfg.model.input_size
-    tokens = ((h - patch) // cfg.model.stride + 1) * ((w - patch) // cfg.model.stride + 1)  # as the model's grid
+    gh, gw = patch_grid(cfg.model.backbone, cfg.model.input_size, cfg.model.stride)  # as the model's grid
+    tokens = gh * gw
     scale = tokens / REFERENCE_TOKENS
     features = (counts.train + counts.val + counts.test) / INFERENCE_IMG_S * scale  # frozen or zero-shot features
     evals = counts.val * (1 + cfg.stage2.epochs // cfg.eval.every) + (counts.test if evaluate_test else 0)
