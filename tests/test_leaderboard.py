@@ -558,3 +558,16 @@ def test_open_set_scores_get_their_own_delta_and_test(tmp_path: Path, capsys: py
     write_sweep(tmp_path / "closed", "closed", golden_rows())
     code, out, _ = run_main([str(tmp_path / "closed"), "--format", "markdown", "--no-report"], capsys)
     assert code == 0 and "| GM |" not in out and "BAKS" not in out
+
+
+def test_reference_method_can_be_chosen(golden: Path, capsys: pytest.CaptureFixture[str]):
+    """--reference indivaid: Lion's CLIP-ReID is 12 points below IndivAID on every seed (p at its floor),
+    and the headers name the chosen reference; an absent reference is a clear error."""
+    board = lb.aggregate(lb.select_newest(lb.load_results([golden]).trials), "mAP", reference="indivaid")
+    clip = row(board, "lion", "clipreid")
+    assert clip["delta"] == pytest.approx(-12.0) and clip["p"] == pytest.approx(P_FLOOR)
+    assert row(board, "lion", "indivaid")["test"] == "ref"
+    code, out, _ = run_main([str(golden), "--reference", "indivaid", "--format", "markdown", "--no-report"], capsys)
+    assert code == 0 and "Δ mAP vs IndivAID (pp)" in out and "minus IndivAID's" in out and "vs CLIP-ReID" not in out
+    code, _, err = run_main([str(golden), "--reference", "nosuch", "--no-report"], capsys)
+    assert code == 2 and "--reference nosuch: no nosuch runs" in err

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metric", type=_metric_arg, default="mAP",
                     help="metric for Δ, its test and the bar plot: mAP (default), mINP, Rank-1, Rank-5, Rank-10; "
                          "open-set sweeps also GM, BAKS, BAUS, AUROC (GM always gets its own Δ column)")
+    ap.add_argument("--reference", default="clipreid", metavar="METHOD",
+                    help="the method every Δ and test is against (default clipreid; e.g. indivaid-mean for "
+                         "the fusion ablation: sweeps/ablation-cpu.yaml)")
     ap.add_argument("--all", action="store_true",
                     help="keep every sweep as its own rows (labelled by sweep id) instead of the newest per "
                          "dataset x method")
@@ -109,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_results(dirs)
         trials = loaded.trials if args.all else select_newest(loaded.trials)
-        board = aggregate(trials, args.metric, keep_all=args.all)
+        board = aggregate(trials, args.metric, keep_all=args.all, reference=args.reference)
         datasets = board.filter(pl.col("kind") == "result")["dataset"].unique().to_list()
         published = published_rows(load_published(), datasets, args.published)
         with_sweep = args.all or board["sweep_id"].drop_nulls().n_unique() > 1

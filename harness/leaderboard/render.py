@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from harness.leaderboard.common import (ALPHA, DASH, FALLBACK_MARK, LABELS, METRICS, MIN_PAIRS, N_BOOT, OPENSET_DELTA,
-                                        OPENSET_METRICS, RNG_SEED, SOURCE_TEST, SOURCE_VAL, label_dataset,
+                                        OPENSET_METRICS, REFERENCE, RNG_SEED, SOURCE_TEST, SOURCE_VAL, label_dataset,
                                         label_method, num)
 from harness.leaderboard.stats import OPENSET_SUFFIX, has_openset
 
@@ -59,8 +59,8 @@ def display_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list
     shown, second = shown_metrics(board), second_delta(board)
     x = OPENSET_SUFFIX
     header = ["Dataset", "Method", "Source", "n", *(LABELS[m] for m in shown),
-              f"Δ {LABELS[metric]} vs CLIP-ReID (pp)", "p (Holm)",
-              *([f"Δ {LABELS[OPENSET_DELTA]} vs CLIP-ReID (pp)", f"p (Holm) {LABELS[OPENSET_DELTA]}"] if second else []),
+              f"Δ {LABELS[metric]} vs {ref_label(board)} (pp)", "p (Holm)",
+              *([f"Δ {LABELS[OPENSET_DELTA]} vs {ref_label(board)} (pp)", f"p (Holm) {LABELS[OPENSET_DELTA]}"] if second else []),
               "Best config", "Trials", "Errors", "GPU-h", "img/s"]
     if with_sweep:
         header.insert(0, "Sweep")
@@ -104,7 +104,13 @@ def published_display_rows(published: pl.DataFrame) -> tuple[list[str], list[lis
     return header, rows
 
 
-def legend_lines(metric: str, openset: bool = False) -> list[str]:
+def ref_label(board: pl.DataFrame) -> str:
+    """The label of the method every Δ is against (CLIP-ReID unless the board chose another)."""
+    ref = board["reference"].drop_nulls().first() if "reference" in board.columns else None
+    return label_method(ref or REFERENCE)
+
+
+def legend_lines(metric: str, openset: bool = False, ref: str = "CLIP-ReID") -> list[str]:
     """What the marks, n and the statistics mean (markdown; the HTML and rich renderers reuse it)."""
     lab = LABELS[metric]
     extra = [
@@ -121,7 +127,7 @@ def legend_lines(metric: str, openset: bool = False) -> list[str]:
         f"{DASH} = no result (method not run, or every trial failed).",
         f"{FALLBACK_MARK} selected on validation: no completed final run, so the row shows the search trial with "
         "the best validation mAP and its validation metrics (source `val (best search trial)`); never tested.",
-        f"Δ: {lab} minus CLIP-ReID's on the same dataset, in percentage points, averaged over the seeds both "
+        f"Δ: {lab} minus {ref}'s on the same dataset, in percentage points, averaged over the seeds both "
         "ran (for a method without training, such as zero-shot CLIP, or without a shared seed: the difference "
         "of the means, not tested).",
         f"Test: paired bootstrap over seeds, B = {N_BOOT:,} resamples of the seed pairs (RNG seed {RNG_SEED}), "
@@ -133,7 +139,7 @@ def legend_lines(metric: str, openset: bool = False) -> list[str]:
         "of one sign put every resample on one side of 0 and p at its floor 2/(B + 1) whatever their size; "
         f"with fewer seeds Δ is the mean paired difference, not tested. Even with {MIN_PAIRS} seeds the "
         "bootstrap is optimistic: differences of one sign still give p = 2/(B + 1).",
-        "mean rows: the unweighted mean over the datasets where the method and CLIP-ReID both have test "
+        f"mean rows: the unweighted mean over the datasets where the method and {ref} both have test "
         "results (shown with two or more datasets; not tested).",
         "Trials: every trial of the dataset × method (search and final, including ASHA-stopped and failed); "
         "Errors: failed trials; GPU-h: sum of gpu_s / 3600; img/s: mean training throughput of the trials "
@@ -170,7 +176,7 @@ def render_markdown(board: pl.DataFrame, published: pl.DataFrame | None = None, 
     if line:
         out += [line, ""]
     out += [_md_table(*display_rows(board, with_sweep)), ""]
-    out += [f"- {x}" for x in legend_lines(metric, has_openset(board))] + [""]
+    out += [f"- {x}" for x in legend_lines(metric, has_openset(board), ref_label(board))] + [""]
     if published is not None and published.height:
         out += ["## Published numbers (context, not like-for-like)", "",
                 _md_table(*published_display_rows(published)), ""]
@@ -213,7 +219,7 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
     buf = io.StringIO()
     console = Console(file=buf, width=width, force_terminal=tty)
     for k, cols in enumerate(groups):
-        title = (f"Leaderboard (percent; Δ {LABELS[metric]} vs CLIP-ReID in points)" if k == 0
+        title = (f"Leaderboard (percent; Δ {LABELS[metric]} vs {ref_label(board)} in points)" if k == 0
                  else "Cost and best config")
         table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
         idx = [header.index(h) for h in cols]
@@ -281,7 +287,7 @@ def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, swee
     if line:
         parts.append(f"<p>{html.escape(line.replace('`', ''))}</p>")
     parts.append(table(header, rows, classes))
-    items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric, has_openset(board)))
+    items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric, has_openset(board), ref_label(board)))
     parts.append(f"<ul>{items}</ul>")
     if published is not None and published.height:
         parts += ["<h2>Published numbers (context, not like-for-like)</h2>", table(*published_display_rows(published))]

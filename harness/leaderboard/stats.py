@@ -13,7 +13,7 @@ import polars as pl
 
 from harness.leaderboard.common import (ALL_METRICS, ALPHA, MIN_PAIRS, N_BOOT, OPENSET_DELTA, OPENSET_METRICS,
                                         REFERENCE, RNG_SEED, SOURCE_TEST, SOURCE_VAL, UNTRAINED, LeaderboardError,
-                                        fmt_value, method_rank)
+                                        fmt_value, label_method, method_rank)
 from harness.leaderboard.load import with_scope
 from harness.results import param_columns
 
@@ -66,12 +66,14 @@ def _config_strings(df: pl.DataFrame, params: list[str]) -> list[str | None]:
     return out
 
 
-def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False) -> pl.DataFrame:
+def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False,
+              reference: str = REFERENCE) -> pl.DataFrame:
     """The leaderboard: one row per (sweep when keep_all,) dataset x method, then per-method mean rows.
 
     Metrics in percent, Δ in percentage points, p-values as probabilities. Every dataset x method
     pair seen in the results gets a row, empty ("—" when shown) where that method has no trials.
     Where the runs have open-set scores, the board also tests GM against CLIP-ReID (``*_GM`` columns).
+    ``reference``: the method every Δ is against (CLIP-ReID; e.g. ``indivaid-mean`` for the fusion ablation).
     """
     if metric not in ALL_METRICS:
         raise LeaderboardError(f"unknown metric {metric!r} (choose from {', '.join(ALL_METRICS)})")
@@ -116,10 +118,14 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False)
                  pl.when(has_final).then("f_config").otherwise("v_config").alias("best_config"),
                  *[pl.col(c).fill_null(0) for c in ("trials", "errors", "stopped")],
              ))
-    board = _add_deltas(board, final, metric, key)
-    board = _add_deltas(board, final, OPENSET_DELTA, key, suffix=OPENSET_SUFFIX)
-    board = _add_mean_rows(board, metric)
-    board = board.with_columns(pl.lit(metric).alias("metric"), pl.lit(None, pl.String).alias("citation"))
+    if reference != REFERENCE and reference not in set(trials["method"].to_list()):
+        raise LeaderboardError(f"--reference {reference}: no {reference} runs in these results "
+                               f"(methods: {', '.join(sorted(set(trials['method'].to_list())))})")
+    board = _add_deltas(board, final, metric, key, reference=reference)
+    board = _add_deltas(board, final, OPENSET_DELTA, key, suffix=OPENSET_SUFFIX, reference=reference)
+    board = _add_mean_rows(board, metric, reference)
+    board = board.with_columns(pl.lit(metric).alias("metric"), pl.lit(reference).alias("reference"),
+                               pl.lit(None, pl.String).alias("citation"))
     return board.select(BOARD_COLUMNS)
 
 
@@ -127,7 +133,7 @@ OPENSET_SUFFIX = f"_{OPENSET_DELTA}"  # columns of the open-set score's own Δ a
 BOARD_COLUMNS = [
     "kind", "_scope", "sweep_id", "dataset", "method", "source", "protocol", "n",
     *[f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std")],
-    "metric", "delta", "n_pairs", "p", "p_holm", "significant", "test",
+    "metric", "reference", "delta", "n_pairs", "p", "p_holm", "significant", "test",
     *[f"{c}{OPENSET_SUFFIX}" for c in ("delta", "n_pairs", "p", "p_holm", "significant", "test")],
     "best_config", "trials", "errors", "stopped", "gpu_hours", "images_per_s", "citation", "note",
 ]
@@ -139,7 +145,7 @@ def has_openset(board: pl.DataFrame) -> bool:
 
 
 def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list[str],
-                suffix: str = "") -> pl.DataFrame:
+                suffix: str = "", reference: str = REFERENCE) -> pl.DataFrame:
     """Δ vs CLIP-ReID (pp), the paired bootstrap p and its Holm adjustment per method across datasets,
     as ``delta``, ``p``, ``p_holm``, ``test``... (each with ``suffix``; ``note`` only without one).
 
@@ -149,13 +155,14 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
     """
     col = f"test_{metric}"
     per_seed = final.filter(pl.col(col).is_not_null()).group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
-    ref = per_seed.filter(pl.col("method") == REFERENCE).select("_scope", "dataset", "seed", pl.col("a").alias("b"))
+    ref_label = label_method(reference)
+    ref = per_seed.filter(pl.col("method") == reference).select("_scope", "dataset", "seed", pl.col("a").alias("b"))
     pairs = (per_seed.join(ref, on=["_scope", "dataset", "seed"], how="inner").sort("seed")
              .group_by(key).agg("a", "b"))
     splits = final.group_by(key).agg(pl.col("split_hash").drop_nulls().unique().sort().alias("splits"))
-    ref_rows = board.filter(pl.col("method") == REFERENCE).select(
+    ref_rows = board.filter(pl.col("method") == reference).select(
         "_scope", "dataset", pl.col(f"{metric}_mean").alias("ref_mean"), pl.col("source").alias("ref_source"))
-    ref_splits = splits.filter(pl.col("method") == REFERENCE).select("_scope", "dataset",
+    ref_splits = splits.filter(pl.col("method") == reference).select("_scope", "dataset",
                                                                      pl.col("splits").alias("ref_splits"))
     same = ["_scope", "dataset"]
     rows = (board.join(pairs, on=key, how="left").join(splits, on=key, how="left")
@@ -169,14 +176,14 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
             test, note = None, "no results"
         elif r[f"{metric}_mean"] is None:
             test, note = None, f"no {metric}"
-        elif r["method"] == REFERENCE:
+        elif r["method"] == reference:
             test, note = ("ref", "reference") if r["source"] == SOURCE_TEST else (None, "reference, not on test")
         elif r["source"] == SOURCE_VAL:
             note = "selected on validation: no test"
         elif r["ref_source"] != SOURCE_TEST or r["ref_mean"] is None:
-            note = f"no CLIP-ReID test {metric} on this dataset"
+            note = f"no {ref_label} test {metric} on this dataset"
         elif r["splits"] and r["ref_splits"] and r["splits"] != r["ref_splits"]:
-            delta, note = r[f"{metric}_mean"] - r["ref_mean"], "different splits from CLIP-ReID's: not tested"
+            delta, note = r[f"{metric}_mean"] - r["ref_mean"], f"different splits from {ref_label}'s: not tested"
         elif r["method"] in UNTRAINED:
             delta, note = r[f"{metric}_mean"] - r["ref_mean"], "no training (one deterministic run): not tested"
         elif n >= MIN_PAIRS:
@@ -211,10 +218,10 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
         .otherwise(f"test{x}").alias(f"test{x}"))
 
 
-def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
+def _add_mean_rows(board: pl.DataFrame, metric: str, reference: str = REFERENCE) -> pl.DataFrame:
     """Per method, the unweighted mean over the datasets where it and CLIP-ReID both have test results
     (only when the board has at least two datasets; a one-dataset mean would repeat its row)."""
-    ref_done = (board.filter((pl.col("method") == REFERENCE) & (pl.col("source") == SOURCE_TEST))
+    ref_done = (board.filter((pl.col("method") == reference) & (pl.col("source") == SOURCE_TEST))
                 .select("_scope", "dataset"))
     both = board.join(ref_done, on=["_scope", "dataset"], how="semi").filter(pl.col("source") == SOURCE_TEST)
     many = board.group_by("_scope").agg(pl.col("dataset").n_unique().alias("k")).filter(pl.col("k") >= 2)
@@ -228,7 +235,7 @@ def _add_mean_rows(board: pl.DataFrame, metric: str) -> pl.DataFrame:
         pl.lit("mean").alias("dataset"),
         pl.format("mean of {} dataset{} (test)", "k", pl.when(pl.col("k") == 1).then(pl.lit("")).otherwise(pl.lit("s")))
         .alias("source"),
-        pl.when(pl.col("method") == REFERENCE).then(pl.lit("ref")).otherwise(pl.lit("n/a")).alias("test"),
+        pl.when(pl.col("method") == reference).then(pl.lit("ref")).otherwise(pl.lit("n/a")).alias("test"),
         pl.lit("mean over datasets: not tested (see the per-dataset rows)").alias("note"),
     ).drop("k")
     board = pl.concat([board.with_columns(pl.lit("result").alias("kind")),
@@ -240,7 +247,7 @@ BOARD_SCHEMA: dict[str, Any] = {
     "kind": pl.String, "_scope": pl.String, "sweep_id": pl.String, "dataset": pl.String, "method": pl.String,
     "source": pl.String, "protocol": pl.String, "n": pl.Int64,
     **{f"{m}_{s}": pl.Float64 for m in ALL_METRICS for s in ("mean", "std")},
-    "metric": pl.String,
+    "metric": pl.String, "reference": pl.String,
     **{f"{c}{x}": t for x in ("", OPENSET_SUFFIX) for c, t in (
         ("delta", pl.Float64), ("n_pairs", pl.Int64), ("p", pl.Float64), ("p_holm", pl.Float64),
         ("significant", pl.Boolean), ("test", pl.String))},
