@@ -8,12 +8,13 @@ Run from the repository root:  python benchmarks/inference_cost.py [--quick]
    ``--batch``) and batch-1 latency p50 / p95. The two runtimes are checked to agree first.
    Then the cost of decoding and resizing one 1920 x 1080 camera-trap JPEG, and from both the
    photos per hour a 2-core box embeds end to end.
-2. Matching: one query against galleries of 1k, 10k, 100k and 1M embeddings (1,280-d float32,
-   ViT-B/16's; 10 images per individual), with the chunked exact search ``match`` uses
+2. Matching: one query, and 64 at once, against galleries of 1k, 10k, 100k and 1M embeddings
+   (1,280-d float32, ViT-B/16's; 10 images per individual), with the chunked exact search ``match`` uses
    (``indivaid_field.matching.Gallery``). The gallery is a memory-mapped file, as a large catalogue
    would be, warm in the page cache; the reported peak is the search's own working memory (numpy
    allocations traced by tracemalloc, in a separate run), which stays bounded whatever the gallery
    size. "prepare" is the one-off pass that computes norms and the mean when a gallery is loaded.
+   It runs in a child process with one BLAS thread (``BLAS_THREAD_VARIABLES``).
 
 The last line is ``speed-up: N.Nx``: ONNX Runtime over eager torch, ViT-B/16, batch-1 latency
 p50, each runtime at its better thread count (on a loaded machine torch's OpenMP threads can
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +48,9 @@ from indivaid.models.encoders import ImageEncoder  # noqa: E402
 from indivaid_field.matching import Gallery  # noqa: E402
 
 MODELS = {"ViT-B/16": ("ViT-B-16", (256, 128)), "tiny": ("tiny", (48, 96))}
+#: One query's search is a memory-bound matrix-vector product: more BLAS threads only add
+#: synchronisation, and on a loaded machine they spin (10x slower with 2 threads here under load).
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def load() -> str:
@@ -140,16 +145,27 @@ def decode_cost(workdir: Path, size: tuple[int, int], runs: int) -> float:
     return float(np.median(t))
 
 
+def traced_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes numpy allocated during ``fn`` (traced on its own: tracing slows the search down)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def match_costs(workdir: Path, sizes: list[int], dim: int, per_identity: int, repeats: int) -> None:
     """Single-query exact search latency and working memory against memory-mapped galleries."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, dim)).astype(np.float32)
+    qb = rng.standard_normal((64, dim)).astype(np.float32)  # a day's photos matched in one call
     biggest = max(sizes)
     file = workdir / "gallery.f32"
     t0 = time.perf_counter()
     store = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(biggest, dim))
     for s in range(0, biggest, 65536):
-        block = rng.standard_normal((min(65536, biggest - s), dim)).astype(np.float32)
+        block = rng.standard_normal((min(65536, biggest - s), dim), dtype=np.float32)
         store[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     store.flush()
     del store
@@ -162,14 +178,13 @@ def match_costs(workdir: Path, sizes: list[int], dim: int, per_identity: int, re
         gallery = Gallery(vectors[:n], ids, "euclidean")
         prepare = time.perf_counter() - t0
         lat = timed(lambda g=gallery: g.search(q, 5), repeats, warmup=1) * 1000  # warm: a served catalogue is
-        tracemalloc.start()  # traced apart: tracing slows the search down
-        gallery.search(q, 5)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        batch_s = float(timed(lambda g=gallery: g.search(qb, 5), 1, warmup=1)[0])
+        peak, peak_b = (traced_peak(lambda g=gallery, x=x: g.search(x, 5)) for x in (q, qb))
         gib = n * dim * 4 / 2**30
-        print(f"  gallery {n:>9,} ({n // per_identity:>7,} individuals, {gib:6.2f} GiB): one query "
-              f"p50 {np.median(lat):8.1f} ms  max {lat.max():8.1f} ms; search working memory peak "
-              f"{peak / 2**20:6.1f} MiB; prepare {prepare:5.1f} s   [{load()}]")
+        print(f"  gallery {n:>9,} ({n // per_identity:>7,} individuals, {gib:5.2f} GiB, prepare {prepare:4.1f} s): "
+              f"1 query p50 {np.median(lat):7.1f} ms (max {lat.max():7.1f}), working memory {peak / 2**20:5.1f} MiB; "
+              f"{len(qb)} queries at once {1000 * batch_s / len(qb):6.1f} ms each, {peak_b / 2**20:5.1f} MiB   "
+              f"[{load()}]")
     del vectors
     file.unlink()
 
@@ -177,14 +192,20 @@ def match_costs(workdir: Path, sizes: list[int], dim: int, per_identity: int, re
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=6.0, help="per throughput measurement")
-    ap.add_argument("--latency-runs", type=int, default=15, help="batch-1 runs per latency (x4 for tiny)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per throughput measurement (at least one batch)")
+    ap.add_argument("--latency-runs", type=int, default=10, help="batch-1 runs per latency (x4 for tiny)")
     ap.add_argument("--gallery-sizes", default="1000,10000,100000,1000000")
     ap.add_argument("--dim", type=int, default=1280, help="embedding size (ViT-B/16: 768 + 512)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: short timings, galleries up to 10k")
+    ap.add_argument("--match-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.latency_runs, args.gallery_sizes = 1.0, 3, "1000,10000"
+    if args.match_child:  # a fresh process, so that the BLAS thread count set in its environment holds
+        match_costs(Path(args.workdir), [int(s) for s in args.gallery_sizes.split(",")], args.dim, 10,
+                    3 if not args.quick else 2)
+        return
     import onnxruntime
 
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
@@ -208,9 +229,13 @@ def main() -> None:
         print(f"decoding + resizing one 1920 x 1080 JPEG (draft mode, 1 thread): {1000 * decode:.1f} ms")
         print(f"photos per hour, 2-core box, ViT-B/16 (best runtime and thread count): {3600 * best:,.0f} model "
               f"only; {3600 / per_photo:,.0f} end to end (decode, then embed in batches of {args.batch}, in turn)")
-        print("matching (one query, exact chunked search, euclidean on L2-normalised vectors)")
-        match_costs(work, [int(s) for s in args.gallery_sizes.split(",")], args.dim, 10,
-                    3 if not args.quick else 2)
+        print("matching (one query, exact chunked search, euclidean on L2-normalised vectors, 1 BLAS thread)")
+        child = subprocess.run(
+            [sys.executable, __file__, "--match-child", "--gallery-sizes", args.gallery_sizes, "--dim", str(args.dim),
+             "--workdir", str(work)] + (["--quick"] if args.quick else []),
+            capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+            env={**os.environ, **dict.fromkeys(BLAS_THREAD_VARIABLES, "1")})
+        print(child.stdout.rstrip())
     (t, t_threads), (o, o_threads) = (min((vit[(rt, n)]["p50"], n) for n in (1, 2))
                                       for rt in ("torch eager", "ONNX Runtime"))
     print(f"ViT-B/16 batch-1 latency p50, each at its better thread count: torch eager {t:.1f} ms "

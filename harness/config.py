@@ -77,7 +77,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ResourcesConfig:
     cpus: float = field(default=1.0, metadata={"gt": 0})
-    gpus: float = field(default=0.0, metadata={"ge": 0})
+    gpus: float = field(default=0.0, metadata={"ge": 0})  # a fraction of one (0.5: two trials share a GPU) or whole GPUs
     custom: dict[str, float] = field(default_factory=dict)
     workers: int = field(default=0, metadata={"ge": 0})  # 0 or 1: train inside the trial; >= 2: Ray Train (DDP)
     use_gpu: bool = False

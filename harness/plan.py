@@ -106,7 +106,7 @@ def plan_rows(sweep: SweepConfig) -> list[PlanRow]:
 
 def print_plan(sweep: SweepConfig) -> None:
     rows = plan_rows(sweep)
-    table = Table(title=f"sweep {sweep.name}: storage {sweep.storage_path}")
+    table = Table(title=f"sweep {sweep.name}: storage {sweep.store.uri()}")
     for c in ("phase", "dataset", "method", "trials", "searched", "images train/val/test", "resources per trial",
               "≈ GPU-h"):
         table.add_column(c, overflow="fold")

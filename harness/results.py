@@ -1,10 +1,16 @@
-"""The sweep's results files: the trial-row schema, how a row is read from a trial folder, and the
-writing of ``trials.parquet``, ``best.yaml`` and ``manifest.json``.
+"""The sweep's results files: the trial-row schema, how a trial's row is built, and the writing
+of ``trials.parquet``, ``best.yaml`` and ``manifest.json``, all through the sweep's storage
+(harness.storage: a local folder or an object store).
+
+A row comes from the trial's own records in its storage folder (``trial.json``, the trainer's
+``run/`` files), from what Tune recorded of it, read through Tune's public ``ExperimentAnalysis``
+and ``ResultGrid`` (status, reports, error), and from the starts that Tune's callback counted
+(``attempts.json``). Tune's own files are never parsed here.
 
 One module owns the schema so that the writer (the sweep) and the readers (the leaderboard, the
 rehearsal report, the live table) cannot drift apart. Importing it costs neither torch nor Ray:
 the leaderboard runs on a laptop with results copied from a cluster. What needs the trainer's
-config (``collect``) imports it when called.
+config or Tune (``collect``) imports it when called.
 
 A number the trainer adds to ``result.json`` becomes a column by one line here: in
 ``SPLIT_METRICS`` (a key of its ``val``/``test`` dicts, column ``<split>_<key>``) or in

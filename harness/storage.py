@@ -16,14 +16,18 @@ guarantee. Importing this module costs neither torch nor Ray.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from indivaid.config import ConfigError
@@ -55,18 +59,110 @@ def sibling(location: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"{parent}/{name}"))
 
 
+class _AtomicFile(io.FileIO):
+    """A file written under a hidden temporary name and renamed into place when closed."""
+
+    def __init__(self, path: str) -> None:
+        self._final = path
+        head, name = os.path.split(path)
+        self._tmp = os.path.join(head, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+        os.makedirs(head or ".", exist_ok=True)  # as pyarrow's local filesystem does
+        super().__init__(self._tmp, "wb")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        os.replace(self._tmp, self._final)
+
+
+class AtomicLocalHandler(pafs.FileSystemHandler):
+    """The local filesystem, for pyarrow, with atomic writes: every output stream goes to a hidden
+    temporary file that is renamed into place when it is closed.
+
+    Ray Tune uploads its experiment state (``tuner.pkl``, ``experiment_state-*.json``, the
+    searcher's state) by copying its staging folder over the storage's, after every trial
+    checkpoint. On a plain local filesystem a copy truncates each file first, so a driver killed
+    mid-copy leaves empty state files and the experiment can no longer be restored. Object stores
+    do not have this problem (a PUT is atomic); a local or NFS storage gets this handler."""
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AtomicLocalHandler)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(AtomicLocalHandler)
+
+    def __reduce__(self) -> tuple:  # sent to Ray workers with the storage
+        return (AtomicLocalHandler, ())
+
+    def get_type_name(self) -> str:
+        return "local-atomic"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the filesystem's root")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self.fs.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
+            while chunk := source.read(64 << 20):
+                target.write(chunk)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return pa.PythonFile(_AtomicFile(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self.fs.open_append_stream(path)
+
+
+def atomic_local_fs() -> pafs.FileSystem:
+    """The local filesystem with atomic writes (:class:`AtomicLocalHandler`)."""
+    return pafs.PyFileSystem(AtomicLocalHandler())
+
+
 @dataclass(frozen=True)
 class Storage:
-    """A folder on some pyarrow filesystem: ``root`` is its path on ``fs``."""
+    """A folder on some pyarrow filesystem: ``root`` is its path on ``fs``. A local folder's
+    filesystem writes every file atomically (:class:`AtomicLocalHandler`), Ray Tune's included."""
 
     location: str  # as the sweep names it (normalized): a local path or a URI
     fs: pafs.FileSystem
     root: str
-
-    @property
-    def local(self) -> bool:
-        """On this machine's filesystem (a local disk or a mounted shared one)."""
-        return isinstance(self.fs, pafs.LocalFileSystem)
+    local: bool = False  # on this machine's filesystem (a local disk or a mounted shared one)
 
     def path(self, *parts: str) -> str:
         """The filesystem path of ``parts`` under the root (what pyarrow and Ray Tune take)."""
@@ -212,13 +308,15 @@ def open_storage(location: str) -> Storage:
     """
     location = normalize(location)
     if not is_uri(location):
-        return Storage(location, pafs.LocalFileSystem(), location)
+        return Storage(location, atomic_local_fs(), location, local=True)
     try:
         fs, root = pafs.FileSystem.from_uri(location)
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise ConfigError(f"storage {location!r}: pyarrow cannot open it ({e}); use a local path or a URI such as "
                           "s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http, gs://bucket/prefix or "
                           "file:///abs/path") from None
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Storage(location, atomic_local_fs(), root.rstrip("/") or "/", local=True)
     return Storage(location, fs, root.rstrip("/"))
 
 

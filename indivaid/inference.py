@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from indivaid.models.head import ReIDHead, inference_feature
 from indivaid.training import checkpoint as ckpt
 from indivaid.training.config import TrainConfig
 from indivaid_field.matching import IdentityRanking, decide, rank_distances  # noqa: F401 (decide: re-exported)
+
+if TYPE_CHECKING:
+    from indivaid.data.split import Split
 
 
 @dataclass
@@ -115,7 +119,8 @@ def rank_identities(dist: Tensor | np.ndarray, gallery_identity: Sequence[str], 
 
 
 def pick_device(name: str | None, cfg: TrainConfig) -> torch.device:
-    """``name`` (default: the run's ``runtime.device``); ``auto`` is CUDA, else MPS, else the CPU."""
+    """``name``, by default the run's own ``runtime.device`` (a cluster run is scored on its GPU);
+    ``auto`` is CUDA, else MPS, else the CPU."""
     name = name or cfg.runtime.device
     if name == "auto":
         if torch.cuda.is_available():
@@ -128,7 +133,7 @@ def pick_device(name: str | None, cfg: TrainConfig) -> torch.device:
 
 
 def checkpoint_split(model: InferenceModel, checkpoint: str | Path, *, dataset: str | None = None,
-                     path: str | None = None, split_file: str | None = None):
+                     path: str | None = None, split_file: str | None = None) -> Split:
     """The split to score ``checkpoint`` on: ``split_file``, else ``dataset`` split as the run split its
     own, else the run's recorded ``split.csv`` beside the checkpoint."""
     from indivaid.data import build_split, open_dataset, read_split

@@ -24,7 +24,7 @@ METRICS = ("euclidean", "cosine")
 #: float elements of one (queries x chunk) distance block: bounds the search's working memory
 BLOCK_ELEMENTS = 1 << 22
 #: bytes of gallery vectors read at once (only preparing makes a centred float32 copy of them)
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)

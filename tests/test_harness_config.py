@@ -55,6 +55,14 @@ def test_plan_drops_keys_that_do_not_apply_and_counts_trials(tmp_path: Path):
     (("values: [1, 2]", "values: [1, 3]"), "search_space.fusion.heads"),
     (("[synthetic]", "[atrv]"), "datasets[0]: unknown dataset 'atrv' (did you mean 'atrw'?)"),
     (("grace_period: 5", "grace_period: 1"), "shorter than the stage-2 warm-up"),
+    (("final: {seeds: 2}", "final: {seeds: 2}\ntracking: {mlflow: {tracking_url: x}}"),
+     "tracking.mlflow.tracking_url: unknown key (did you mean 'tracking_uri'?)"),
+    (("final: {seeds: 2}", "final: {seeds: 2}\ntracking: {mlflow: {experiment: x}}"),
+     "tracking.mlflow.tracking_uri: required key is missing"),
+    (("final: {seeds: 2}", "final: {seeds: 2}\ncluster: {coordinator: x}"),
+     "cluster.coordinator: unknown key (did you mean 'coordinator_resource'?)"),
+    (("final: {seeds: 2}", "final: {seeds: 2}\nresources: {gpus: 1.5, use_gpu: true}"),
+     "resources.gpus: 1.5: Ray gives a task a fraction of one GPU"),
 ])
 def test_bad_sweep_files_give_one_clear_error(tmp_path: Path, capsys, change, message):
     f = write(tmp_path, GOOD.replace(*change))
@@ -133,3 +141,23 @@ def test_best_search_trial_ignores_failed_and_nan_trials_and_breaks_ties_by_id()
     best = best_search_trials(t)[("x", "indivaid")]
     assert best["trial_id"] == "c" and best["params"] == {"stage2.lr": 3.0}  # tie 0.50: smaller id; no error, NaN, final
     assert best_search_trials(t, "val_rank1")[("x", "indivaid")]["trial_id"] == "e"
+
+
+def test_storage_uri_tracking_and_cluster_sections_load(tmp_path: Path, capsys):
+    """A storage URI is kept as given (never made a local path), --storage overrides the file's,
+    caches default to a file path; tracking, cluster and a fractional GPU load typed."""
+    from harness.sweep import with_cli_overrides
+
+    uri = "s3://bucket/sweeps/t?endpoint_override=127.0.0.1:9000&scheme=http"
+    text = GOOD + (f"storage: '{uri}'\ntracking: {{mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/m.db'}}}}\n"
+                   "cluster: {coordinator_resource: cpu_node, runtime_env: {py_modules: [harness]}}\n"
+                   "resources: {gpus: 0.5, use_gpu: true}\n")
+    sweep = load_sweep(write(tmp_path, text))
+    assert sweep.storage_uri == uri and not sweep.store.local and sweep.store.root == "bucket/sweeps/t"
+    assert sweep.cache_path == Path("~/.cache/indivaid/sweeps/t").expanduser()
+    assert sweep.tracking.mlflow.tracking_uri.startswith("sqlite:") and sweep.cluster.runtime_env == {"py_modules": ["harness"]}
+    local = with_cli_overrides(sweep, str(tmp_path / "r"), {"working_dir": "."})
+    assert local.storage_path == tmp_path / "r" and local.cache_path == tmp_path / "r" / "cache"
+    assert local.cluster.runtime_env == {"working_dir": "."} and local.cluster.coordinator_resource == "cpu_node"
+    assert main([str(write(tmp_path, text)), "--dry-run"]) == 0  # 0.5 GPU per trial plans fine
+    assert "0.5 GPU" in capsys.readouterr().out

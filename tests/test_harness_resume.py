@@ -88,8 +88,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(data_root: Path
     # pruned by ASHA, those that ended before the kills among them
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(storage / "search-synthetic-clipreid"))
-    states = {tid: trial.state.name for tid, trial in searcher._ot_trials.items()}  # Tune trial id -> Optuna's
-    assert len(searcher._ot_study.trials) == 3 and set(states) == set(t.filter(pl.col("method") == "clipreid")["trial_id"])
+    study = {t.number: t.state.name for t in searcher._ot_study.trials}
+    states = {tid: study[trial.number] for tid, trial in searcher._ot_trials.items()}  # Tune trial id -> Optuna's
+    assert len(study) == 3 and set(states) == set(t.filter(pl.col("method") == "clipreid")["trial_id"])
     assert set(states.values()) <= {"COMPLETE", "PRUNED"} and states[ended_before_kill[0]] == "COMPLETE", states
     stopped = set(t.filter(pl.col("stop_reason") == "asha_stopped")["trial_id"])
     assert {tid for tid, st in states.items() if st == "PRUNED"} == stopped

@@ -95,7 +95,7 @@ def test_sweep_on_s3_tracked_in_mlflow_then_its_leaderboard(s3: int, data_root: 
     final = t.filter(pl.col("phase") == "final")
     assert final["test_mAP"].is_not_null().all()
     for path in final["checkpoint_path"]:  # the inference models are in the bucket
-        assert path.startswith("s3://sweeps/runs/t/final-synthetic-") and path.removeprefix("s3://") in keys
+        assert path.startswith("s3://sweeps/runs/t/final-synthetic-") and path.removeprefix("s3://sweeps/") in keys
     trained = t.filter(pl.col("method") == "clipreid")
     assert (trained["ckpt_saves"] > 0).all() and (trained["ckpt_kept_bytes"] == 0).all()  # Ray checkpoints, pruned
     assert any(k.startswith("runs/t/search-synthetic-clipreid/") and k.endswith("/result.json") for k in keys)

@@ -67,7 +67,7 @@ def test_robustness_cli_table_plot_json_and_scores_fall_with_severity(open_runs,
         assert maps[2] <= clean["mAP"] - 0.03, (name, maps, clean)  # severe: clearly worse than clean
         assert res["corruptions"][name][2]["rel_mAP"] == pytest.approx(maps[2] / clean["mAP"])
     flat = summary_metrics(res)
-    assert 0 < flat["robust_rel_mAP"] < 1 and set(flat) >= {"robust_rel_rank1", "robust_motion_blur_rel_mAP"}
+    assert res["metrics"] == flat and 0 < flat["robust_rel_mAP"] < 1 and set(flat) >= {"robust_rel_rank1", "robust_motion_blur_rel_mAP"}
     # deterministic by seed: the same cells again; another seed draws other noise
     noise = res["corruptions"]["gaussian_noise"]
     for seed, same in ((0, True), (5, False)):

@@ -229,7 +229,8 @@ def robustness_scores(checkpoint: str | Path, *, dataset: str | None = None, pat
 
     The split is ``split_file``, else ``dataset`` (``path``) split as the run's config says, else
     the run's ``split.csv`` beside the checkpoint. ``device`` defaults to the run's own. Returns
-    a JSON-ready dict: ``clean``, ``corruptions`` (name -> one entry per severity), ``summary``."""
+    a JSON-ready dict: ``clean``, ``corruptions`` (name -> one entry per severity), ``summary`` and
+    ``metrics`` (:func:`summary_metrics`: flat ``robust_*`` numbers)."""
     from indivaid.data.imagecache import build_image_cache
     from indivaid.eval.retrieval import score_retrieval
     from indivaid.inference import checkpoint_split, load_inference, pick_device
@@ -267,10 +268,12 @@ def robustness_scores(checkpoint: str | Path, *, dataset: str | None = None, pat
             cells[c.name].append(cell)
             log.info("%s severity %d: mAP %.1f%% (%.0f%% of clean)", c.name, sev, 100 * cell["mAP"],
                      100 * cell["rel_mAP"])
-    return {"checkpoint": str(Path(checkpoint).resolve()), "method": model.cfg.method, "dataset": sp.dataset,
-            "split": split, "split_hash": sp.hash, "protocol": sp.protocol, "seed": seed, "device": str(dev),
-            "queries": q.height, "gallery": g.height, "clean": clean, "corruptions": cells,
-            "descriptions": {c.name: c.description for c in chosen}, "summary": summarize(cells)}
+    result = {"checkpoint": str(Path(checkpoint).resolve()), "method": model.cfg.method, "dataset": sp.dataset,
+              "split": split, "split_hash": sp.hash, "protocol": sp.protocol, "seed": seed, "device": str(dev),
+              "queries": q.height, "gallery": g.height, "clean": clean, "corruptions": cells,
+              "descriptions": {c.name: c.description for c in chosen}, "summary": summarize(cells)}
+    result["metrics"] = summary_metrics(result)  # flat, for readers that must not import torch (results tables)
+    return result
 
 
 def _mean(values: Sequence[float]) -> float:
