@@ -132,6 +132,10 @@ class ClusterConfig:
 class FinalConfig:
     seeds: int = field(default=5, metadata={"ge": 0})  # re-runs of each best config, scored on test
     dataset_seeds: dict[str, int] = field(default_factory=dict)  # per-dataset override of seeds
+    # The paper's protocol: closed-set final runs train on train + validation identities (the search
+    # fixed the config and epochs; test stays untouched). Open-set splits keep validation held out,
+    # since the KNOWN/NEW threshold is calibrated on it. false: finals train on the train split only.
+    train_on_val: bool = True
 
     def seeds_for(self, dataset: str) -> int:
         return int(self.dataset_seeds.get(dataset, self.seeds))
@@ -233,15 +237,27 @@ def applies(key: str, method: MethodSpec) -> bool:
     return True
 
 
-def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str, Any], seed: int | None = None) -> TrainConfig:
-    """The trainer config of one trial: base, dataset, method, searched values, seed."""
+def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str, Any], seed: int | None = None,
+                 final: bool = False) -> TrainConfig:
+    """The trainer config of one trial: base, dataset, method, searched values, seed; for a final run
+    (``final``), training on train + validation identities where ``final.train_on_val`` applies."""
     data = {"dataset": dataset, "data_root": str(sweep.data_path), "cache_dir": str(sweep.cache_path)}
     base = merge(apply_overrides(sweep.base, []), sweep.per_dataset.get(dataset, {}))
     base = merge(base, {"data": data, "method": method})
     overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in params.items()]
     if seed is not None:
         overrides.append(f"runtime.seed={seed}")
-    return resolve(apply_overrides(base, overrides), f"{dataset}/{method}")
+    cfg = resolve(apply_overrides(base, overrides), f"{dataset}/{method}")
+    if final and sweep.final.train_on_val and trains_on_val(cfg):
+        cfg = resolve(apply_overrides(base, [*overrides, "data.train_on_val=true"]), f"{dataset}/{method}")
+    return cfg
+
+
+def trains_on_val(cfg: TrainConfig) -> bool:
+    """Whether a final run of ``cfg`` may train on the validation identities: a trained method on a
+    closed-set split built here (a given split file keeps its own validation role)."""
+    return (METHODS.get(cfg.method).train and cfg.data.split.unknown_fraction == 0
+            and cfg.data.split_file is None)
 
 
 def load_sweep(file: str | Path) -> SweepConfig:

@@ -215,7 +215,7 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         "trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
         "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()})
     start_watchdog(store, folder, cfg_sweep.trial_timeout_minutes, info["started"])
-    cfg = trial_config(cfg_sweep, dataset, method, params, seed)
+    cfg = trial_config(cfg_sweep, dataset, method, params, seed, final=(phase == "final"))
     if cfg_sweep.resources_for(dataset).workers > 1:
         _fit_with_ray_train(cfg, cfg_sweep, folder, ctx.get_trial_id(), ctx.get_trial_name(), phase == "final")
         return

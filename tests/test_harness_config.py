@@ -32,7 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_sweep_files_load():
-    for name in ("smoke", "full", "ablation"):
+    for name in ("smoke", "full", "ablation", "ablation-cpu"):
         load_sweep(ROOT / "sweeps" / f"{name}.yaml")
 
 
@@ -123,6 +123,20 @@ def test_missing_datasets_follow_the_trainer_config_a_trial_gets(tmp_path: Path)
     text += f"data_root: {tmp_path / 'nowhere'}\nper_dataset:\n  lion: {{data: {{path: {tmp_path / 'no-lion'}}}}}\n"
     missing = missing_datasets(load_sweep(write(tmp_path, text)))
     assert missing == [("lion", str(tmp_path / "no-lion"))]  # atrw found through base.data.path
+
+
+def test_closed_set_final_runs_train_on_validation_identities(tmp_path: Path):
+    """The paper's protocol for finals: trained methods on closed-set splits train on train + val;
+    search trials, zero-shot, open-set splits and final.train_on_val: false keep validation out."""
+    sweep = load_sweep(write(tmp_path, GOOD))
+    assert trial_config(sweep, "synthetic", "clipreid", {}, 0, final=True).data.train_on_val
+    assert trial_config(sweep, "synthetic", "indivaid", {"stage2.lr": 1e-3}, 1, final=True).data.train_on_val
+    assert not trial_config(sweep, "synthetic", "clipreid", {}, 0).data.train_on_val  # search
+    assert not trial_config(sweep, "synthetic", "zeroshot", {}, 0, final=True).data.train_on_val
+    open_set = load_sweep(write(tmp_path, GOOD + "per_dataset: {synthetic: {data: {split: {unknown_fraction: 0.2}}}}\n"))
+    assert not trial_config(open_set, "synthetic", "clipreid", {}, 0, final=True).data.train_on_val
+    held_out = load_sweep(write(tmp_path, GOOD.replace("final: {seeds: 2}", "final: {seeds: 2, train_on_val: false}")))
+    assert not trial_config(held_out, "synthetic", "clipreid", {}, 0, final=True).data.train_on_val
 
 
 def test_best_search_trial_ignores_failed_and_nan_trials_and_breaks_ties_by_id():
