@@ -95,39 +95,17 @@ def cmd_evaluate(argv: list[str]) -> None:
 
 def _embed_sources(images: str | None, table: str | None) -> pl.DataFrame:
     """Photos to embed: ``path``, ``identity`` (null where unknown), ``bbox_*`` and metadata columns
-    (a table's other columns, as strings), from a folder per identity or a table."""
-    from indivaid.data.adapters.generic import _parse_bbox, read_table
+    (a table's other columns, as strings), from a folder per identity or a table: the same reading
+    as the torch-free field tool's (``indivaid_field``), so both embed the same catalogue alike."""
+    from indivaid_field import FieldError
+    from indivaid_field.cli import folder_sources, table_sources
 
-    if table:
-        file = Path(table).expanduser().resolve()
-        if not file.is_file():
-            raise DataError(f"--table {file}: not found")
-        df = read_table(file)
-        missing = [c for c in ("path", "identity") if c not in df.columns]
-        if missing:
-            raise DataError(f"--table {file}: missing column(s) {missing}; it needs path and identity "
-                            "(other columns are kept as metadata)")
-        base = Path(images).expanduser().resolve() if images else file.parent
-        paths = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["path"].cast(pl.String).to_list()]
-        boxes = [_parse_bbox(b, f"{file} row {i + 2}") for i, b in enumerate(df["bbox"].to_list())] \
-            if "bbox" in df.columns else [None] * df.height
-        box_cols = {k: [b[i] if b else None for b in boxes] for i, k in enumerate(("bbox_x", "bbox_y", "bbox_w", "bbox_h"))}
-        meta = df.drop([c for c in ("path", "identity", "bbox") if c in df.columns]).cast(pl.String)
-        clash = [c for c in meta.columns if c in RESERVED]
-        if clash:
-            raise DataError(f"--table {file}: column(s) {clash} are reserved; rename them")
-        out = pl.DataFrame({"path": paths, "identity": df["identity"].cast(pl.String), **box_cols},
-                           schema_overrides={k: pl.Float64 for k in box_cols})
-        return pl.concat([out, meta], how="horizontal")
-    if not images:
+    if not table and not images:
         raise DataError("embed needs --images DIR (one sub-folder per identity) or --table FILE")
-    root = Path(images).expanduser().resolve()
-    files = find_images(root) if root.is_dir() else []
-    if not files:
-        raise DataError(f"--images {root}: no images found (expected {root}/<identity>/<image files>)")
-    return pl.DataFrame({"path": [str(f) for f in files], "identity": [identity_from_folder(f, root) for f in files],
-                         **{k: [None] * len(files) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")}},
-                        schema_overrides={k: pl.Float64 for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")})
+    try:
+        return pl.from_arrow(table_sources(table, images) if table else folder_sources(images))
+    except FieldError as e:
+        raise DataError(str(e)) from None
 
 
 @dataclass(frozen=True)
