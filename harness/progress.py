@@ -150,7 +150,7 @@ class SweepProgress:
 
         return ray.get(self.board.snapshot.remote(), timeout=READ_TIMEOUT_S)
 
-    def states(self) -> list[dict[str, Any]]:
+    def trial_states(self) -> list[dict[str, Any]]:
         """Every trial's latest state, as the table shows it (the sweep's metrics publish these)."""
         return list(self._read().values())
 

@@ -182,6 +182,9 @@ def tune_trials(store: Storage, experiment: str) -> dict[str, TuneTrial]:
     """
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    # A running trial's reports reach the storage after Tune's state names them: expected here, and
+    # the row then takes the trial's own records, so Tune's warning about them is noise.
+    logging.getLogger(ExperimentAnalysis.__module__).setLevel(logging.ERROR)
     try:
         analysis = ExperimentAnalysis(store.path(experiment), storage_filesystem=store.fs)
     except (ValueError, OSError) as e:  # no experiment state yet

@@ -147,7 +147,7 @@ def sweep_metrics(sweep: SweepConfig, progress: SweepProgress,
     """Publish the sweep-level series every ``interval_s`` from a daemon thread while the block
     runs (independent of the live table, which rich does not redraw in a log), and once more at
     its end from the last results file written, so the last values equal trials.parquet's."""
-    metrics = SweepMetrics(sweep, progress.states)
+    metrics = SweepMetrics(sweep, progress.trial_states)
     stop = threading.Event()
 
     def loop() -> None:

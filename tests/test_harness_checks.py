@@ -68,8 +68,17 @@ def test_a_trial_wider_than_the_cluster_is_refused():
                         "never start; lower workers/gpus or add GPU nodes"]
     assert check_sweep(sweep, cluster_gpus=4) == []
     assert [str(p) for p in check_sweep(sweep, cluster_gpus=4, cluster_cpus=16)] == [
-        "polarbear: dataset_resources.polarbear: one trial needs 32.01 CPUs, the cluster has 16: it could never start; "
+        "polarbear: dataset_resources.polarbear: one trial needs 32 CPUs, the cluster has 16: it could never start; "
         "lower cpus/workers"]
+
+
+def test_half_gpu_trials_pack_two_to_a_gpu():
+    sweep = load_sweep(ROOT / "sweeps" / "full.yaml")
+    sweep = dataclasses.replace(sweep, dataset_resources={**sweep.dataset_resources, "stoat": {"gpus": 0.5, "cpus": 4}})
+    assert not [p for p in check_sweep(sweep, cluster_gpus=1) if p.dataset == "stoat"]  # half a GPU fits one
+    budget = GpuBudget(cluster_gpus=4, chains_at_once=1)
+    assert budget.trials(sweep, "stoat") == 8 and budget.demand(sweep, "stoat") == 4  # 8 trials on 4 GPUs
+    assert budget.trials(sweep, "atrw") == 4
 
 
 def test_asha_rungs_and_the_gpu_budget():

@@ -82,6 +82,16 @@ def test_sweep_metrics_count_the_live_tables_states_and_end_with_the_results_fil
     final = [{**live[0], "status": "stopped"}, live[1]]
     metrics.publish(final)
     assert (count("running"), count("completed"), count("stopped")) == (0, 1, 1)
+    # as the sweep runs it: the live table's states while it runs, the results file's rows at the end
+    from harness.progress import SweepProgress
+
+    progress = SweepProgress(sweep, total=2)  # no Ray here: no board, the results file's rows only
+    progress.known = [{**row, "trial_id": str(i)} for i, row in enumerate(live)]
+    with telemetry.sweep_metrics(sweep, progress, interval_s=0.01):
+        time.sleep(0.1)
+        assert (count("running"), count("completed"), count("stopped")) == (1, 1, 0)
+        progress.known = [{**row, "trial_id": str(i)} for i, row in enumerate(final)]
+    assert (count("running"), count("completed"), count("stopped")) == (0, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
