@@ -28,10 +28,17 @@ def declared_coordinator(sweep: SweepConfig) -> str | None:
 
 
 def head_ip() -> str:
-    """The head node's address: where the cluster's GCS runs."""
+    """The head node's IP address: where the cluster's GCS runs. A host name (KubeRay's head
+    service, e.g. ``raycluster-head-svc``) is resolved, since ``node:<ip>`` resources carry IPs."""
+    import socket
+
     import ray
 
-    return ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
 
 
 def head_node_id() -> str:

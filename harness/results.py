@@ -311,7 +311,10 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
     }
     for k, v in info["params"].items():
         row[f"{PARAM_PREFIX}{k}"] = v
-    row["best_val_mAP"] = _best_val(result, row["val_mAP"], cfg.eval.every, cfg.stage2.epochs)
+    # a finished run's history is in its result.json; an unfinished one's (ASHA-stopped, failed) in Tune's
+    history = result.get("history") or (tune.history if tune is not None else [])
+    row["best_val_mAP"] = _best_val(history, (result.get("val") or {}).get("mAP"), row["val_mAP"] if result else None,
+                                    cfg.eval.every, cfg.stage2.epochs)
     return row
 
 
@@ -370,13 +373,15 @@ def gpus_held(res: ResourcesConfig) -> float:
     return res.gpus * max(1, res.workers)
 
 
-def _best_val(result: Mapping[str, Any], last: float | None, every: int, epochs: int) -> float | None:
-    """The best validation mAP the run measured in stage 2 (its evaluation epochs and the final
-    score); not the zero-shot score that stage-1 reports carry, on which untrained configs tie."""
-    evals = [h.get(REPORT_VAL_MAP) for h in result.get("history", [])
+def _best_val(history: list[Mapping[str, Any]], final: float | None, last: float | None, every: int,
+              epochs: int) -> float | None:
+    """The best validation mAP the run measured in stage 2 (its evaluation epochs, the final score
+    ``final`` and a finished run's ``last``); not the zero-shot score that stage-1 reports carry, on
+    which untrained configs tie, nor the last report of a trial stopped before it evaluated."""
+    evals = [h.get(REPORT_VAL_MAP) for h in history
              if h.get(REPORT_STAGE) == 2 and (int(h.get(REPORT_S2_EPOCH, 0)) % every == 0
                                               or int(h.get(REPORT_S2_EPOCH, 0)) == epochs)]
-    values = [v for v in [*evals, (result.get("val") or {}).get("mAP"), last] if v is not None and v == v]
+    values = [v for v in [*evals, final, last] if v is not None and v == v]
     return max(values) if values else None
 
 

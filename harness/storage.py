@@ -15,6 +15,7 @@ guarantee. Importing this module costs neither torch nor Ray.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -69,10 +70,21 @@ class _AtomicFile(io.FileIO):
         os.makedirs(head or ".", exist_ok=True)  # as pyarrow's local filesystem does
         super().__init__(self._tmp, "wb")
 
+    def write(self, data) -> int:  # type: ignore[override]
+        try:
+            return super().write(data)
+        except BaseException:
+            self._failed = True  # a partial file must never replace a good one
+            raise
+
     def close(self) -> None:
         if self.closed:
             return
         super().close()
+        if getattr(self, "_failed", False):
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            return
         os.replace(self._tmp, self._final)
 
 
@@ -269,7 +281,7 @@ class Storage:
         if self.local:
             dest = Path(self.path(rel))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp-upload")
+            tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}")  # one per uploader
             shutil.copyfile(src, tmp)
             tmp.replace(dest)
             return

@@ -47,10 +47,17 @@ def _read_table(file: Path) -> pa.Table:
     elif suffix in (".csv", ".tsv", ".txt"):
         import pyarrow.csv as pacsv
 
-        table = pacsv.read_csv(file, parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","))
+        parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+        header = pacsv.open_csv(file, parse_options=parse).schema.names
+        # every column read as text: type guessing would turn identity 007 into 7 and reformat dates
+        table = pacsv.read_csv(file, parse_options=parse,
+                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                                   strings_can_be_null=True))
     else:
         raise FieldError(f"--table {file}: a table must be .csv, .tsv or .parquet")
-    return pa.table({c: pc.cast(table.column(c), pa.string()) for c in table.column_names})
+    # list columns (a Parquet bbox as [x, y, w, h]) stay as they are: parse_bbox reads lists too
+    return pa.table({c: table.column(c) if pa.types.is_list(table.column(c).type) else pc.cast(table.column(c), pa.string())
+                     for c in table.column_names})
 
 
 def folder_sources(images: str) -> pa.Table:

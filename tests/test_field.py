@@ -59,3 +59,19 @@ def test_decision_and_where_are_one_line_errors():
         gallery_mask(cols, {"region": "x"}, reserved=("identity", "path"))
     with pytest.raises(FieldError, match=r"values of site: \['n', 's'\]"):
         gallery_mask(cols, {"site": "east"})
+
+
+def test_catalogue_tables_keep_their_text(tmp_path):
+    """Identities and metadata are read as written (no type guessing: 007 stays 007, dates stay
+    dates), empty cells are missing, and a Parquet bbox list is kept for parsing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from indivaid_field.cli import table_sources
+
+    (tmp_path / "c.csv").write_text('path,identity,date,bbox\na.jpg,007,2024-01-02,"[1, 2, 3, 4]"\nb.jpg,1e3,2024-01-03,\n')
+    t = table_sources(str(tmp_path / "c.csv"), None).to_pylist()
+    assert [r["identity"] for r in t] == ["007", "1e3"] and [r["date"] for r in t] == ["2024-01-02", "2024-01-03"]
+    assert (t[0]["bbox_x"], t[0]["bbox_h"]) == (1.0, 4.0) and t[1]["bbox_x"] is None
+    pq.write_table(pa.table({"path": ["a.jpg"], "identity": ["x"], "bbox": [[1.0, 2.0, 3.0, 4.0]]}), tmp_path / "c.parquet")
+    assert table_sources(str(tmp_path / "c.parquet"), None).to_pylist()[0]["bbox_w"] == 3.0

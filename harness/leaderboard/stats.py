@@ -154,7 +154,7 @@ def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list
     for an untrained method or without a shared seed, the difference of the means, not tested.
     """
     col = f"test_{metric}"
-    per_seed = final.filter(pl.col(col).is_not_null()).group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
+    per_seed = final.filter(pl.col(col).is_not_null() & pl.col(col).is_not_nan()).group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
     ref_label = label_method(reference)
     ref = per_seed.filter(pl.col("method") == reference).select("_scope", "dataset", "seed", pl.col("a").alias("b"))
     pairs = (per_seed.join(ref, on=["_scope", "dataset", "seed"], how="inner").sort("seed")

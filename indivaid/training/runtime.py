@@ -54,8 +54,9 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
     else:
         device = torch.device(cfg.device)
     if device.type == "cuda":
-        if device.index is None:  # "cuda": the current device (set_device needs an index on some torch versions)
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index is None:  # "cuda": this rank's GPU (set_device needs an index on some torch versions)
+            local = os.environ.get("LOCAL_RANK")
+            device = torch.device("cuda", int(local) if local is not None and world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     if cfg.threads:
