@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -50,6 +51,8 @@ def _steps(compile_: bool, backend: str, n: int = 3) -> tuple[list[float], State
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_stage2_steps_match_eager():
     eager_losses, init, eager_params, _ = _steps(False, "inductor")
     losses, _, params, net = _steps(True, "inductor")
