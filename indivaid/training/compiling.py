@@ -25,7 +25,6 @@ class CompiledOrEager:
 
     def __init__(self, fn: Callable[..., Any], name: str, backend: str = "inductor") -> None:
         self.fn, self.name, self.backend = fn, name, backend
-        self.first = True
         self.compile_s: float | None = None
         self.compiled: Callable[..., Any] | None = None
         try:
@@ -41,7 +40,7 @@ class CompiledOrEager:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args, **kwargs)
-        if not self.first:
+        if self.compile_s is not None:  # compiled already
             return self.compiled(*args, **kwargs)
         t0 = time.perf_counter()
         try:
@@ -49,7 +48,6 @@ class CompiledOrEager:
         except Exception as e:  # noqa: BLE001 - any compiler failure: the run goes on eagerly
             self._fall_back(e)
             return self.fn(*args, **kwargs)
-        self.first = False
         self.compile_s = time.perf_counter() - t0
         log.info("compiled the %s with torch.compile (%s) in %.1f s (first step, forward)",
                  self.name, self.backend, self.compile_s)
