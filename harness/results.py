@@ -58,10 +58,12 @@ TRIALS_FILE = "trials.parquet"
 RUN_FILES = ("config.json", "split.csv", "checkpoints.jsonl", "model.pt", "result.json")
 PARAM_PREFIX = "param."  # searched values: one column per dotted trainer key, dtype as sampled
 
-#: A trial's status: ``stopped`` = by ASHA; ``running`` also covers an interrupted sweep's trials.
-STATUSES = ("running", "completed", "stopped", "error", "timeout")
+#: A trial's status: ``stopped`` = by ASHA; ``running`` also covers an interrupted sweep's trials;
+#: ``lost`` = started, but the driver was killed before Tune's saved state recorded the trial, so the
+#: resumed search ran that slot again (its files and any numbers it measured stay in its row).
+STATUSES = ("running", "completed", "stopped", "error", "timeout", "lost")
 #: ``stop_reason`` refines ``stopped`` into ``asha_stopped`` (below budget) or ``error``.
-STOP_REASONS = ("completed", "running", "error", "timeout", "asha_stopped")
+STOP_REASONS = ("completed", "running", "error", "timeout", "asha_stopped", "lost")
 
 #: Numbers of result.json's ``val``/``test`` dicts -> ``<split>_<key>`` (Float64): key -> splits.
 SPLIT_METRICS: dict[str, tuple[str, ...]] = {
@@ -208,9 +210,13 @@ def error_line(error: BaseException | None) -> str | None:
     return lines[-1][:2000] if lines else type(error).__name__
 
 
-def trial_status(has_result: bool, timed_out: bool, tune: TuneTrial | None, finished: bool) -> str:
-    """A trial's status: completed (the trainer wrote its results), timeout, error (Tune gave up
-    on it), stopped (ended by ASHA), or running (its experiment is not finished, or was interrupted)."""
+def trial_status(has_result: bool, timed_out: bool, tune: TuneTrial | None, finished: bool,
+                 lost: bool = False) -> str:
+    """A trial's status: lost (see STATUSES), completed (the trainer wrote its results), timeout,
+    error (Tune gave up on it), stopped (ended by ASHA), or running (its experiment is not finished,
+    or was interrupted)."""
+    if lost:
+        return "lost"
     if has_result:
         return "completed"
     if timed_out:
@@ -268,13 +274,19 @@ def experiment_rows(sweep: SweepConfig, exp: str, finished: bool) -> list[dict[s
         info = store.read_json(f"{exp}/{name}/{TRIAL_INFO}")
         if not info:
             continue  # Tune's folder of a trial that never started, or one being written
+        # Tune's final state names every trial of the finished run: one it lacks was started before a
+        # hard kill of the driver and never recorded (a live run's state may just lag: not judged then)
+        lost = finished and bool(tune) and info["trial_id"] not in tune
         rows.append(trial_row(sweep, f"{exp}/{name}", info, tune.get(info["trial_id"]), finished,
-                              attempts.get(info["trial_id"])))
+                              attempts.get(info["trial_id"]), lost=lost))
+        if lost:
+            log.warning("%s: trial %s started before the driver was killed but Tune never recorded it; its "
+                        "search slot ran again (row kept with status 'lost')", store.uri(exp), info["trial_id"])
     return rows
 
 
 def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneTrial | None, finished: bool,
-              attempts: int | None = None) -> dict[str, Any]:
+              attempts: int | None = None, lost: bool = False) -> dict[str, Any]:
     """The trial's row: ``trial.json`` (written at its first start), the trainer's ``run/`` files
     (copied to the storage as the run goes), Tune's record of the trial and its count of starts."""
     from harness.config import trial_config  # the trainer's config (torch): only when rows are built
@@ -283,7 +295,7 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
     files = store.sizes(rel)  # one listing: what the trial folder holds, and how big
     result = store.read_json(f"{rel}/{RUN}/result.json") if f"{RUN}/result.json" in files else {}
     progress = tune.last if tune is not None else {}
-    status = trial_status(bool(result), TIMEOUT_FILE in files, tune, finished)
+    status = trial_status(bool(result), TIMEOUT_FILE in files, tune, finished, lost)
     cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
     # from the first start to the last report (retries included); the trainer's own clock otherwise
     wall = max(float(result.get("wall_s") or 0.0), progress.get("timestamp", info["started"]) - info["started"], 0.0)

@@ -84,6 +84,28 @@ def test_collect_reads_open_set_and_run_numbers_into_their_columns(tmp_path: Pat
     assert going_row["val_mAP"] == 0.2 and going_row["val_BAKS"] is None and going_row["wall_s"] == pytest.approx(3.0)
 
 
+def test_a_trial_tunes_finished_state_never_recorded_is_lost_not_an_error(tmp_path: Path, data_root: Path,
+                                                                         monkeypatch):
+    """A hard kill of the driver can leave a started trial that Tune's saved state never named; the
+    resumed search runs that slot again. Once the experiment has finished, that folder is 'lost' (its
+    numbers kept), never an error; while it runs, Tune's state may just lag, so it stays 'running'."""
+    import harness.results as results
+
+    sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
+    exp = sweep.storage_path / "search-synthetic-clipreid"
+    history = [{"stage": 2, "epoch": 1, "s2_epoch": 1, "val_mAP": 0.3, "lr": 1e-4}]
+    _trial_folder(exp, "known", result={"val": {"mAP": 0.3}, "test": None, "wall_s": 5.0, "history": history})
+    _trial_folder(exp, "orphan", result=None)
+    tune = {"known": results.TuneTrial("TERMINATED", history[-1], history, None)}
+    monkeypatch.setattr(results, "tune_trials", lambda store, experiment: tune)
+    running = collect(sweep).sort("trial_id")
+    assert running["status"].to_list() == ["completed", "running"]
+    (exp / results.FINISHED).touch()
+    t = collect(sweep).sort("trial_id")
+    assert t["status"].to_list() == ["completed", "lost"] and t["stop_reason"].to_list() == ["completed", "lost"]
+    assert t["error"].is_null().all() and t.filter(pl.col("status") == "error").height == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Optuna: ASHA-stopped trials are PRUNED, through OptunaSearch's public on_trial_complete
 # ---------------------------------------------------------------------------------------------
