@@ -15,7 +15,9 @@ from typing import Any
 
 from harness.config import SweepConfig, applies, trial_config
 from harness.estimate import ImageCounts, image_counts
+from harness.plan import input_variants
 from indivaid.config import ConfigError
+from indivaid.models.backbone import weights_mismatch
 from indivaid.methods import METHODS
 from indivaid.training import TrainConfig
 from indivaid.training.schedule import milestone_epochs
@@ -52,9 +54,11 @@ def _variants(sweep: SweepConfig, dataset: str, method: str) -> tuple[list[tuple
     """(label, config) of the base config and of each searched value that applies to ``method``, and
     the problems of those the trainer's own config checks refuse."""
     params: list[tuple[str, dict[str, Any]]] = [("", {})]
+    combos = [v for v in input_variants(sweep, method) if v]  # searched backbones x weights: every pair
     for key, spec in sweep.search_space.items():
-        if applies(key, METHODS.get(method)):
+        if applies(key, METHODS.get(method)) and not any(key in v for v in combos):
             params += [(f" (searched {key}={v})", {key: v}) for v in spec.samples()]
+    params += [(" (searched " + ", ".join(f"{k}={v}" for k, v in combo.items()) + ")", combo) for combo in combos]
     out, problems = [], []
     for where, p in params:
         try:
@@ -78,6 +82,13 @@ def _batch_problems(d: str, cfg: TrainConfig, where: str, counts: ImageCounts | 
             out.append(Problem(d, f"{stage}.batch_p", f"P={p}{where} does not split across the {workers} DDP workers "
                                f"(each rank takes P/{workers} identities of one global batch); use a multiple of {workers}"))
     return out
+
+
+def _weights_problems(d: str, cfg: TrainConfig, where: str) -> list[Problem]:
+    """Weights that cannot fit the backbone (an open_clip tag of another model, a hub repo of another
+    architecture), found offline, before any trial builds the model."""
+    why = weights_mismatch(cfg.model.backbone, cfg.model.pretrained)
+    return [Problem(d, "model.pretrained", why + where)] if why else []
 
 
 def _schedule_problems(d: str, cfg: TrainConfig, where: str) -> list[Problem]:
@@ -134,17 +145,20 @@ def check_sweep(sweep: SweepConfig, *, cluster_gpus: float | None = None, cluste
     trained = [m for m in sweep.methods if METHODS.get(m).train]
     for d in sweep.datasets:
         problems += _resource_problems(sweep, d, cluster_gpus, cluster_cpus)
-        if not trained:
-            continue
-        try:
-            c = counts[d] if counts is not None else image_counts(trial_config(sweep, d, trained[0], {}))
-        except ConfigError:
-            c = None  # the config itself is refused: reported below
+        c = None
+        if trained:
+            try:
+                c = counts[d] if counts is not None else image_counts(trial_config(sweep, d, trained[0], {}))
+            except ConfigError:
+                pass  # the config itself is refused: reported below
         workers = sweep.resources_for(d).workers
         seen: set[str] = set()
-        for m in trained:
+        for m in sweep.methods:
             variants, found = _variants(sweep, d, m)
             for where, cfg in variants:
+                found += _weights_problems(d, cfg, where)
+                if m not in trained:
+                    continue
                 found += _batch_problems(d, cfg, where, c, workers) + _schedule_problems(d, cfg, where)
                 if sweep.scheduler.kind == "asha" and sweep.search_space:
                     found += _asha_problems(sweep, d, cfg, where)

@@ -27,17 +27,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One search dimension: loguniform/uniform (low, high), int (low, high), choice (values)."""
+    """One search dimension: loguniform/uniform (low, high), int (low, high), choice (values: one
+    sampled per trial) or grid (values: every one gets a trial, Tune's grid search).
 
-    kind: Literal["loguniform", "uniform", "int", "choice"]
+    A choice or grid over a *section* (``model``) takes mappings as values, each setting several
+    keys at once: ``{backbone: ViT-L-14, pretrained: openai}``. That is how backbones and their
+    weights are searched, since not every weights tag fits every backbone. Tune and Optuna see such
+    a value as its label (``backbone=ViT-L-14, pretrained=openai``), which the results record.
+    """
+
+    kind: Literal["loguniform", "uniform", "int", "choice", "grid"]
     low: float | None = None
     high: float | None = None
     values: list[Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind == "choice":
+        if self.kind in ("choice", "grid"):
             if not self.values:
-                raise ValueError("choice needs a non-empty 'values' list")
+                raise ValueError(f"{self.kind} needs a non-empty 'values' list")
+            joint = [isinstance(v, dict) for v in self.values]
+            if any(joint) and not all(joint):
+                raise ValueError("either every value is a mapping (several keys set together) or none is")
+            if any(joint) and not all(self.values):
+                raise ValueError("an empty mapping among the values sets nothing")
+            labels = self.labels()
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"duplicate values ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))})")
             return
         if self.low is None or self.high is None or not self.low < self.high:
             raise ValueError(f"{self.kind} needs low < high, got low={self.low}, high={self.high}")
@@ -46,15 +61,53 @@ class ParamSpec:
         if self.kind == "int" and (self.low != int(self.low) or self.high != int(self.high)):
             raise ValueError("int bounds must be whole numbers")
 
+    @property
+    def discrete(self) -> bool:
+        return self.kind in ("choice", "grid")
+
+    @property
+    def joint(self) -> bool:
+        """Whether each value is a mapping of keys set together."""
+        return self.discrete and isinstance((self.values or [None])[0], dict)
+
+    def labels(self) -> list[Any]:
+        """What Tune and Optuna see of each value: the value, or a joint value's label."""
+        return [value_label(v) if isinstance(v, dict) else v for v in self.values or []]
+
+    def decode(self, key: str, value: Any) -> dict[str, Any]:
+        """A sampled value of this dimension as dotted trainer keys: a joint label becomes its
+        keys (``model.backbone``, ...); a mapping (as best.yaml may hold) is taken as it is."""
+        if not self.joint:
+            return {key: value}
+        if not isinstance(value, dict):
+            by_label = dict(zip(self.labels(), self.values or []))
+            if value not in by_label:
+                raise ConfigError(f"search_space.{key}: {value!r} is none of its values ({', '.join(by_label)})")
+            value = by_label[value]
+        return {f"{key}.{k}": v for k, v in value.items()}
+
     def samples(self) -> list[Any]:
         """Representative values (both ends, the middle) used to validate the key against the trainer."""
-        if self.kind == "choice":
-            return list(self.values or [])
+        if self.discrete:
+            return self.labels()
         assert self.low is not None and self.high is not None
         if self.kind == "int":
             return [int(self.low), int(self.high)]
         mid = math.sqrt(self.low * self.high) if self.kind == "loguniform" else (self.low + self.high) / 2
         return [self.low, mid, self.high]
+
+
+def value_label(value: dict[str, Any]) -> str:
+    """``{backbone: ViT-L-14, pretrained: openai}`` -> ``backbone=ViT-L-14, pretrained=openai``."""
+    return ", ".join(f"{k}={v}" for k, v in value.items())
+
+
+def trainer_params(space: dict[str, ParamSpec], params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values as dotted trainer keys (joint values expanded; other keys as given)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        out.update(space[key].decode(key, value) if key in space else {key: value})
+    return out
 
 
 @dataclass(frozen=True)
@@ -136,6 +189,9 @@ class FinalConfig:
     # fixed the config and epochs; test stays untouched). Open-set splits keep validation held out,
     # since the KNOWN/NEW threshold is calibrated on it. false: finals train on the train split only.
     train_on_val: bool = True
+    # After training, score each final model on its test split with corrupted queries
+    # (indivaid.eval.robustness): run/robustness.json, robust_* columns, the leaderboard's robustness table.
+    robustness: bool = False
 
     def seeds_for(self, dataset: str) -> int:
         return int(self.dataset_seeds.get(dataset, self.seeds))
@@ -164,6 +220,9 @@ class SweepConfig:
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
     rehearsal: bool = False  # set by --rehearse: results are labelled and never mixed with real ones
+    # Trainer values applied after the searched ones (set by --rehearse: the tiny model, whatever
+    # model.* a trial searched, so the search dimension still runs through every code path).
+    pinned: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -181,6 +240,12 @@ class SweepConfig:
                                      f"{did_you_mean(d, self.datasets)}")
         for d in self.dataset_resources:
             self.resources_for(d)  # validates the override's keys and values now
+        grids = [k for k, p in self.search_space.items() if p.kind == "grid"]
+        sampled = [k for k, p in self.search_space.items() if p.kind != "grid"]
+        if grids and sampled:
+            raise ValueError(f"search_space: grid keys ({', '.join(grids)}) cannot be mixed with sampled keys "
+                             f"({', '.join(sampled)}): Optuna samples, it does not enumerate. Make the grid a "
+                             f"choice (searched by TPE), or run one sweep per grid value")
 
     def resources_for(self, dataset: str) -> ResourcesConfig:
         """The trial resources of one dataset: ``resources`` with its ``dataset_resources`` entry on top."""
@@ -244,6 +309,8 @@ def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str
     data = {"dataset": dataset, "data_root": str(sweep.data_path), "cache_dir": str(sweep.cache_path)}
     base = merge(apply_overrides(sweep.base, []), sweep.per_dataset.get(dataset, {}))
     base = merge(base, {"data": data, "method": method})
+    params = trainer_params(sweep.search_space, params)
+    params.update(flat_keys(sweep.pinned))  # set by --rehearse: wins over searched values
     overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in params.items()]
     if seed is not None:
         overrides.append(f"runtime.seed={seed}")
@@ -251,6 +318,17 @@ def trial_config(sweep: SweepConfig, dataset: str, method: str, params: dict[str
     if final and sweep.final.train_on_val and trains_on_val(cfg):
         cfg = resolve(apply_overrides(base, [*overrides, "data.train_on_val=true"]), f"{dataset}/{method}")
     return cfg
+
+
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{model: {backbone: tiny}}`` -> ``{"model.backbone": "tiny"}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def trains_on_val(cfg: TrainConfig) -> bool:

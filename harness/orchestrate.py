@@ -5,6 +5,7 @@ and the results files written after every chain.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import yaml
 
 from harness.checks import gpus_per_trial, validate
 from harness.config import SweepConfig, trial_config
-from harness.plan import Experiment, missing_datasets, plan
+from harness.plan import Experiment, input_variants, missing_datasets, plan
 from harness.progress import SweepProgress, start_board
 from harness.results import FINISHED, TRIALS_FILE, best_search_trials, collect, read_table, write_results
 from harness.telemetry import sweep_metrics
@@ -90,8 +91,8 @@ def cache_configs(sweep: SweepConfig, dataset: str) -> list[dict[str, Any]]:
     seeds = sorted({0, *range(sweep.final.seeds_for(dataset))})
     out: dict[str, dict[str, Any]] = {}
     for m in sweep.methods:
-        for seed in seeds:
-            cfg = trial_config(sweep, dataset, m, {}, seed)
+        for seed, variant in itertools.product(seeds, input_variants(sweep, m)):  # each searched backbone too
+            cfg = trial_config(sweep, dataset, m, variant, seed)
             ident = to_dict((cfg.data, cfg.model, cfg.augment, cfg.runtime.device, cfg.runtime.amp,
                              seed if cfg.model.pretrained is None else None))
             out.setdefault(json.dumps(ident, sort_keys=True, default=str), to_dict(cfg))

@@ -6,6 +6,8 @@ Nothing here starts Ray: ``--dry-run`` prints the plan on a laptop.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,10 @@ def missing_datasets(sweep: SweepConfig) -> list[tuple[str, str]]:
 
 
 def search_space(sweep: SweepConfig, method: str) -> dict[str, Any]:
-    """The sweep's search space as Tune domains, without the keys that do not apply to ``method``."""
+    """The sweep's search space as Tune domains, without the keys that do not apply to ``method``.
+
+    A method that does not train (zero-shot) has nothing for TPE to learn from and costs one
+    evaluation per value: its choices (a backbone, a weights tag) become a grid, every value run."""
     from ray import tune
 
     spec = METHODS.get(method)
@@ -54,24 +59,60 @@ def search_space(sweep: SweepConfig, method: str) -> dict[str, Any]:
     for key, p in sweep.search_space.items():
         if not applies(key, spec):
             continue  # e.g. fusion.heads for clipreid: nothing to search
-        if p.kind == "loguniform":
+        if p.kind == "grid" or (p.kind == "choice" and not spec.train):
+            space[key] = tune.grid_search(p.labels())
+        elif p.kind == "loguniform":
             space[key] = tune.loguniform(p.low, p.high)
         elif p.kind == "uniform":
             space[key] = tune.uniform(p.low, p.high)
         elif p.kind == "int":
             space[key] = tune.randint(int(p.low), int(p.high) + 1)
         else:
-            space[key] = tune.choice(list(p.values or []))
+            space[key] = tune.choice(p.labels())
     return space
 
 
+def grid_size(space: dict[str, Any]) -> int | None:
+    """Trials a space made only of grids enumerates (their product); None when it samples."""
+    if not space or not all(is_grid(v) for v in space.values()):
+        return None
+    return math.prod(len(v["grid_search"]) for v in space.values())
+
+
+def is_grid(domain: Any) -> bool:
+    return isinstance(domain, dict) and "grid_search" in domain
+
+
+def search_trials(sweep: SweepConfig, method: str) -> int:
+    """Trials of one search experiment: the grid's size, else num_samples (1 with nothing to search)."""
+    space = search_space(sweep, method)
+    grid = grid_size(space)
+    if grid is not None:
+        return grid
+    return sweep.search.num_samples if METHODS.get(method).train and space else 1
+
+
+#: Trainer sections whose values change what the frozen encoder sees (its features are cached).
+INPUT_SECTIONS = ("model", "data", "augment")
+
+
+def input_variants(sweep: SweepConfig, method: str) -> list[dict[str, Any]]:
+    """One params dict per combination of the searched discrete values that change the frozen
+    features' inputs (a backbone, its weights, the input size); ``[{}]`` when none is searched.
+    Used to warm every cache a search will read, size its trials and preflight each backbone."""
+    spec = METHODS.get(method)
+    keys = {k: p.labels() for k, p in sweep.search_space.items()
+            if p.discrete and k.split(".")[0] in INPUT_SECTIONS and applies(k, spec)}
+    return [dict(zip(keys, combo)) for combo in itertools.product(*keys.values())]
+
+
 def plan(sweep: SweepConfig) -> list[tuple[Experiment, int]]:
-    """Experiments and their trial counts: search (num_samples; 1 for zeroshot) then final."""
+    """Experiments and their trial counts: search (num_samples, or a grid's size) then final."""
     rows = []
     for d in sweep.datasets:
         for m in sweep.methods:
             trains = METHODS.get(m).train
-            rows.append((Experiment("search", d, m), sweep.search.num_samples if trains and search_space(sweep, m) else 1))
+            rows.append((Experiment("search", d, m), search_trials(sweep, m)))
             if sweep.final.seeds_for(d):
                 rows.append((Experiment("final", d, m), sweep.final.seeds_for(d) if trains else 1))
     return rows
@@ -89,19 +130,29 @@ class PlanRow:
 
 def plan_rows(sweep: SweepConfig) -> list[PlanRow]:
     """The dry run's rows: experiments with sizes, resources and a GPU-hour estimate (harness.estimate)."""
-    from harness.estimate import image_counts, trial_gpu_seconds
+    from harness.estimate import image_counts
 
     counts = {d: image_counts(trial_config(sweep, d, sweep.methods[0], {})) for d in sweep.datasets}
     rows = []
     for exp, n in plan(sweep):
         c = counts[exp.dataset]
-        per = trial_gpu_seconds(trial_config(sweep, exp.dataset, exp.method, {}), c, exp.phase == "final") if c else None
+        per = trial_estimate(sweep, exp, c) if c else None
         trains = METHODS.get(exp.method).train
         keys = ", ".join(search_space(sweep, exp.method)) if exp.phase == "search" else ("best config" if trains else "")
         rows.append(PlanRow(exp, n, keys or "-", f"{c.train}/{c.val}/{c.test} ({c.source})" if c else "not present",
                             describe_resources(sweep.resources_for(exp.dataset)),
                             per * n / 3600 if per is not None else None))
     return rows
+
+
+def trial_estimate(sweep: SweepConfig, exp: Experiment, counts: Any) -> float | None:
+    """GPU-seconds of one trial at full budget: the most expensive searched backbone/input variant
+    (an upper bound; a final run's variant is the search's pick); None if one has no measured rates."""
+    from harness.estimate import trial_gpu_seconds
+
+    per = [trial_gpu_seconds(trial_config(sweep, exp.dataset, exp.method, v), counts, exp.phase == "final")
+           for v in input_variants(sweep, exp.method)]
+    return None if any(p is None for p in per) else max(per)  # type: ignore[type-var]
 
 
 def print_plan(sweep: SweepConfig) -> None:
@@ -117,6 +168,9 @@ def print_plan(sweep: SweepConfig) -> None:
     hours = sum(r.gpu_hours or 0.0 for r in rows)
     est = (f"≈ {hours:.1f} GPU-hours on H200-class GPUs at full budget (an upper bound: ASHA stops many search "
            f"trials early{'; rows marked — not included' if any(r.gpu_hours is None for r in rows) else ''})")
+    if not hours and any(r.gpu_hours is None for r in rows):
+        est = ("no GPU-hour estimate: a backbone of this sweep has no measured rates (harness.estimate knows "
+               "ViT-B; measure others with benchmarks/gpu_throughput.py)")
     gpus = any(sweep.resources_for(d).gpus for d in sweep.datasets)
     console.print(f"{sum(r.trials for r in rows)} trainings in all; " +
                   (est if gpus else "CPU sweep (no GPUs requested)" + (f"; on GPUs: {est}" if hours else "")))

@@ -28,8 +28,9 @@ from typing import Any
 import polars as pl
 
 from harness.checks import asha_rungs, gpus_per_trial
-from harness.config import SweepConfig, trial_config
-from harness.results import read_table
+from harness.config import ParamSpec, SweepConfig, trial_config
+from harness.plan import INPUT_SECTIONS
+from harness.results import PARAM_PREFIX, read_table
 from harness.storage import sibling
 from indivaid.config import ConfigError
 from indivaid.data.adapters import make_adapter
@@ -165,7 +166,7 @@ def rehearsal_sweep(sweep: SweepConfig, red: Reductions, data_root: Path, paths:
     storage = sibling(sweep.storage, f"{sweep.name}-rehearsal") if sweep.storage else f"results/{sweep.name}-rehearsal"
     return dataclasses.replace(
         real, name=f"{sweep.name}-rehearsal", storage=storage, data_root=str(data_root), base=base,
-        per_dataset=per_dataset, rehearsal=True,
+        per_dataset=per_dataset, rehearsal=True, pinned={"model": REHEARSAL_MODEL},  # searched model.* too
         search=dataclasses.replace(real.search, num_samples=min(real.search.num_samples, red.num_samples),
                                    startup_trials=min(real.search.startup_trials, red.startup_trials)),
         final=dataclasses.replace(real.final, seeds=min(real.final.seeds, red.seeds),
@@ -284,6 +285,10 @@ def render_report(real: SweepConfig, trials: pl.DataFrame, declared_gpus: float,
               f"Full-budget estimate (--dry-run): ≈ {total:.1f} GPU-hours on H200-class GPUs.",
               "Checkpoint sizes are those of the real backbone; steps per epoch were capped by the rehearsal.",
               "", CANNOT_SHOW]
+    searched = [k for k in real.search_space if k.split(".")[0] == "model"]
+    if searched:
+        lines.append(f"Searched model keys ({', '.join(searched)}) were sampled and recorded, but every trial ran the "
+                     "tiny model; --preflight runs each searched backbone and weights on the cluster.")
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines) + "\n"
@@ -328,8 +333,11 @@ def preflight_sweep(sweep: SweepConfig, steps: int) -> SweepConfig:
     quick = {"stage1": {"epochs": 1, "min_steps": 0}, "stage2": {"epochs": 1, "warmup_epochs": 0},
              "eval": {"every": 1}, "runtime": {"max_steps_per_epoch": steps}, "checkpoint": {"every": 0}}
     storage = sibling(sweep.storage, f"{sweep.name}-preflight") if sweep.storage else f"results/{sweep.name}-preflight"
+    # every searched backbone / weights / input size once (a grid); nothing else is searched
+    grid = {k: ParamSpec("grid", values=p.values) for k, p in sweep.search_space.items()
+            if p.discrete and k.split(".")[0] in INPUT_SECTIONS}
     return dataclasses.replace(
-        sweep, name=f"{sweep.name}-preflight", storage=storage, base=merge(sweep.base, quick), search_space={},
+        sweep, name=f"{sweep.name}-preflight", storage=storage, base=merge(sweep.base, quick), search_space=grid,
         scheduler=dataclasses.replace(sweep.scheduler, kind="none"), final=dataclasses.replace(sweep.final, seeds=0,
                                                                                               dataset_seeds={}),
         search=dataclasses.replace(sweep.search, num_samples=1), checkpoint_policy=dataclasses.replace(
@@ -351,7 +359,10 @@ def preflight_rows(sweep: SweepConfig, trials: pl.DataFrame) -> list[dict[str, A
         first = progress[0].get("timestamp") if progress else None
         mem = [p.get("max_mem_gb") for p in progress if p.get("max_mem_gb") == p.get("max_mem_gb")]
         s2 = [p.get("images_per_s") for p in progress if p.get("stage") == 2]
-        rows.append({"dataset": r["dataset"], "method": r["method"], "status": r["status"], "error": r["error"],
+        variant = ", ".join(f"{k.removeprefix(PARAM_PREFIX)}={v}" for k, v in r.items()
+                            if k.startswith(PARAM_PREFIX) and v is not None)
+        rows.append({"dataset": r["dataset"], "method": r["method"], "variant": variant, "status": r["status"],
+                     "error": r["error"],
                      "first_report_s": first - started if first and started else None,
                      "images_per_s": s2[-1] if s2 else None,
                      "max_mem_gb": max((m for m in mem if m is not None), default=None)})
@@ -366,11 +377,12 @@ def preflight(sweep: SweepConfig, steps: int, *, address: str | None = None, res
     psweep = preflight_sweep(sweep, steps)
     run_sweep(psweep, address=address, resume=resume)
     rows = preflight_rows(psweep, read_table(psweep.store))
-    head = ["dataset", "method", "status", "first report (s)", "stage-2 img/s", "peak GPU memory (GiB)", "error"]
+    head = ["dataset", "method", "searched", "status", "first report (s)", "stage-2 img/s", "peak GPU memory (GiB)",
+            "error"]
     lines = [f"# Preflight of sweep `{sweep.name}` ({steps} steps per stage)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["dataset"], r["method"], r["status"], _cell(r["first_report_s"], "{:.0f}"),
+        lines.append("| " + " | ".join([r["dataset"], r["method"], r["variant"] or "—", r["status"], _cell(r["first_report_s"], "{:.0f}"),
                                         _cell(r["images_per_s"], "{:.0f}"), _cell(r["max_mem_gb"], "{:.1f}"),
                                         (r["error"] or "").splitlines()[0][:120] if r["error"] else ""]) + " |")
     report = "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ config or Tune (``collect``) imports it when called.
 A number the trainer adds to ``result.json`` becomes a column by one line here: in
 ``SPLIT_METRICS`` (a key of its ``val``/``test`` dicts, column ``<split>_<key>``) or in
 ``RUN_NUMBERS`` (a top-level or dotted key, column of the given name). Readers get it typed and
-null where a run lacks it, so older files and partial sweeps load the same way.
+null where a run lacks it, so older files and partial sweeps load the same way. A final run scored
+by the robustness suite (``final.robustness``) adds ``ROBUST_METRICS`` from ``run/robustness.json``.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ STARTS_FILE = "starts.jsonl"  # in a trial folder: one line per start of the tri
 RUN = "run"  # in a trial folder: the trainer's files that outlive the trial (RUN_FILES)
 ATTEMPTS_FILE = "attempts.json"  # in an experiment folder: trial id -> starts, counted by Tune's callback
 TRIALS_FILE = "trials.parquet"
+ROBUSTNESS_FILE = "robustness.json"  # in run/: the robustness suite's scores of a final model (final.robustness)
 #: The trainer's files a trial copies from its node-local workdir to ``run/`` in its storage folder,
-#: in this order (the model before result.json, so a result always has its model beside it).
-RUN_FILES = ("config.json", "split.csv", "checkpoints.jsonl", "model.pt", "result.json")
+#: in this order (the model before result.json, so a result always has its model beside it; the
+#: robustness plot before its scores, whose presence tells a restarted trial the suite has run).
+RUN_FILES = ("config.json", "split.csv", "checkpoints.jsonl", "model.pt", "result.json", "robustness.png",
+             ROBUSTNESS_FILE)
 PARAM_PREFIX = "param."  # searched values: one column per dotted trainer key, dtype as sampled
 
 #: A trial's status: ``stopped`` = by ASHA; ``running`` also covers an interrupted sweep's trials;
@@ -89,6 +93,16 @@ RUN_NUMBERS: dict[str, str] = {
     "train_on_val": "train_on_val",
 }
 
+#: The robustness suite's corruptions (indivaid.eval.robustness.NAMES, which needs torch to import).
+ROBUST_CORRUPTIONS = ("darkness", "brightness", "colour_cast", "haze", "motion_blur", "defocus_blur",
+                      "gaussian_noise", "jpeg", "low_resolution", "occlusion")
+ROBUST_REL_MAP = "robust_rel_mAP"  # corrupted / clean mAP, averaged over every corruption and severity
+#: The "metrics" of run/robustness.json (indivaid.eval.robustness.summary_metrics) -> Float64 columns of
+#: the same names. Listed, not taken as whatever ``robust_*`` keys a file has: the suite defines what
+#: ``robust_rel_mAP`` means, so changing it is a schema change, and tests keep this list equal to its keys.
+ROBUST_METRICS = (ROBUST_REL_MAP, "robust_rel_rank1", "robust_clean_mAP",
+                  *(f"robust_{c}_rel_mAP" for c in ROBUST_CORRUPTIONS))
+
 #: Keys of the trainer's per-epoch reports (Tune's result.json rows) that the harness reads.
 REPORT_STAGE, REPORT_S2_EPOCH, REPORT_VAL_MAP, REPORT_LR, REPORT_STEPS = "stage", "s2_epoch", "val_mAP", "lr", "steps"
 #: Keys the trial adds to each report (harness.trial) for the live progress table: the best
@@ -111,6 +125,7 @@ TRIAL_SCHEMA: dict[str, Any] = {
     **dict.fromkeys(RUN_NUMBERS, pl.Float64),
     **{f"{split}_{key}": pl.Float64 for key, splits in SPLIT_METRICS.items() for split in splits},
     "best_val_mAP": pl.Float64,  # the best stage-2 validation mAP the run measured (what best.yaml ranks)
+    **dict.fromkeys(ROBUST_METRICS, pl.Float64),  # final runs with final.robustness; null otherwise
 }
 
 
@@ -294,6 +309,7 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
     store = sweep.store
     files = store.sizes(rel)  # one listing: what the trial folder holds, and how big
     result = store.read_json(f"{rel}/{RUN}/result.json") if f"{RUN}/result.json" in files else {}
+    robust = store.read_json(f"{rel}/{RUN}/{ROBUSTNESS_FILE}") if f"{RUN}/{ROBUSTNESS_FILE}" in files else {}
     progress = tune.last if tune is not None else {}
     status = trial_status(bool(result), TIMEOUT_FILE in files, tune, finished, lost)
     cfg = trial_config(sweep, info["dataset"], info["method"], info["params"], info["seed"])
@@ -311,7 +327,10 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
         "attempts": max(1, attempts or starts),
         "wall_s": wall,
         "gpu_s": wall * gpus_held(sweep.resources_for(info["dataset"])),
-        "error": tune.error if tune is not None and status in ("error", "timeout") else None,
+        # a run that finished and then failed (its robustness scoring, the MLflow upload) stays completed,
+        # its error beside its numbers
+        "error": tune.error if tune is not None and (status in ("error", "timeout") or tune.status == "ERROR")
+        else None,
         "created_at": info["started"],
         "config_path": store.uri(rel, RUN, "config.json"), "split_path": store.uri(rel, RUN, "split.csv"),
         "checkpoint_path": store.uri(rel, RUN, "model.pt") if f"{RUN}/model.pt" in files else None,
@@ -320,6 +339,7 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
         **_schedule_reached(result.get("history") or (tune.history if tune is not None else []), cfg.stage2.lr),
         **{col: _lookup(result, key) for col, key in RUN_NUMBERS.items()},
         **_split_metrics(result, progress),
+        **{col: (robust.get("metrics") or {}).get(col) for col in ROBUST_METRICS},
     }
     for k, v in info["params"].items():
         row[f"{PARAM_PREFIX}{k}"] = v

@@ -6,6 +6,7 @@ to the trial's folder in the sweep's storage through harness.storage: its record
 log, inference model, result). Its resumable state goes to Ray: each ``checkpoint.pt`` the trainer
 saves is reported as a Ray checkpoint, which Tune (or Ray Train) stores beside the trial's
 results and prunes, and a restarted trial, on whatever node, starts from ``get_checkpoint()``.
+With ``final.robustness`` a final trial then scores its model with the robustness suite.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import ray
 from ray import tune
 
 from harness.config import SweepConfig, trial_config
-from harness.results import (REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, RUN, RUN_FILES, STARTS_FILE,
-                             TIMEOUT_FILE, TRIAL_INFO, finite, measured_val)
+from harness.results import (REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, ROBUSTNESS_FILE, RUN,
+                             RUN_FILES, STARTS_FILE, TIMEOUT_FILE, TRIAL_INFO, finite, measured_val)
 from harness.storage import Storage, open_storage
 from harness.telemetry import TrialMetrics
 from indivaid.config import from_dict
@@ -198,6 +199,33 @@ class ReportProgress:
                 REPORT_RUN_FINISHED: float(self.result_file.is_file())}
 
 
+def score_robustness(files: RunFiles, seed: int) -> None:
+    """A final model's robustness (``final.robustness``): the suite of indivaid.eval.robustness on
+    the run's test split, its ``robustness.json`` and ``.png`` stored in ``run/``. Runs after the
+    trainer has stored its results; a restarted trial whose scores are stored does not score again.
+
+    A failure raises, failing the trial: the scores were asked for, and a run quietly without them
+    would shrink the robustness table's seeds unnoticed. The run's test scores are stored by then,
+    so its row stays ``completed`` (with the error beside it), and Tune's retry (``max_failures``)
+    costs only the scoring: the restarted trial gets the finished run back instead of training.
+    """
+    store, folder, workdir = files.store, files.folder, files.workdir
+    if store.is_file(f"{folder}/{RUN}/{ROBUSTNESS_FILE}"):
+        log.info("%s: robustness already scored", store.uri(folder, RUN, ROBUSTNESS_FILE))
+        return
+    model = workdir / "model.pt"  # a restarted finished run gets its results back, not its model
+    if not model.is_file() and not store.download(f"{folder}/{RUN}/model.pt", model):
+        raise FileNotFoundError(f"{store.uri(folder, RUN, 'model.pt')}: no model to score for final.robustness")
+    from indivaid.eval.robustness import robustness_scores, write_report
+
+    started = time.perf_counter()
+    result = robustness_scores(model, split_file=str(workdir / "split.csv"), split="test", seed=seed)
+    write_report(result, workdir)
+    files.sync()
+    log.info("robustness of %s scored in %.0f s: relative mAP %.3f", store.uri(folder), time.perf_counter() - started,
+             result["metrics"]["robust_rel_mAP"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The trial
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +269,8 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         # stops at its final epoch has finished.
         train(cfg, workdir=workdir, report=report, evaluate_test=(phase == "final"))
         files.sync()
+        if phase == "final" and cfg_sweep.final.robustness:
+            score_robustness(files, seed)
         _log_model(cfg_sweep, ctx.get_trial_name(), workdir / "model.pt")
     except BaseException:
         files.sync_quietly()
@@ -290,6 +320,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         train(cfg, workdir=workdir, report=report, evaluate_test=config["evaluate_test"])
         if files is not None:
             files.sync()
+            if config["robustness"]:
+                score_robustness(files, cfg.runtime.seed)
             _log_model(from_dict(SweepConfig, config["sweep"]), config["trial_name"], workdir / "model.pt")
     except BaseException:
         if files is not None:
@@ -319,6 +351,7 @@ def _fit_with_ray_train(cfg, sweep: SweepConfig, folder: str, trial_id: str, tri
         _worker_loop,
         train_loop_config={"train_config": to_dict(cfg), "storage": store.location, "folder": folder,
                            "sweep": to_dict(sweep), "trial_name": trial_name, "evaluate_test": evaluate_test,
+                           "robustness": evaluate_test and sweep.final.robustness,
                            "metric_tags": {"sweep": sweep.name, "dataset": cfg.data.dataset, "method": cfg.method,
                                            "phase": "final" if evaluate_test else "search", "trial_id": trial_id}},
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,

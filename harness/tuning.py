@@ -20,7 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from harness.config import SweepConfig, trial_config
-from harness.plan import Experiment, search_space
+from harness.plan import Experiment, grid_size, search_space
 from harness.progress import LOOKUP_EVERY_S, find_board
 from harness.results import ATTEMPTS_FILE, REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_S2_EPOCH, TIMEOUT_FILE, finite
 from harness.storage import open_storage
@@ -210,12 +210,14 @@ def run_experiment(sweep: SweepConfig, exp: Experiment, n: int, params: dict[str
 
 
 def tune_settings(sweep: SweepConfig, exp: Experiment, n: int, cap: int, space: dict[str, Any]) -> dict[str, Any]:
-    """TuneConfig's arguments: Optuna (+ ASHA) for a search with something to search, else a plain
-    run of ``n`` trials (the final phase's seeds) at most ``cap`` at once."""
+    """TuneConfig's arguments: Optuna (+ ASHA) for a search with something to sample, else a plain
+    run of ``n`` trials (the final phase's seeds, or a grid's values) at most ``cap`` at once."""
     metric = sweep.search.metric
     out: dict[str, Any] = {"num_samples": n if exp.phase == "search" else 1, "metric": metric, "mode": "max"}
     if exp.phase != "search" or not space:
         return {**out, "max_concurrent_trials": cap}
+    if grid_size(space) is not None:  # every value runs once (Tune's grid), nothing is sampled
+        return {**out, "num_samples": 1, "max_concurrent_trials": cap}
     epochs = trial_config(sweep, exp.dataset, exp.method, {}).stage2.epochs
     asha = sweep.scheduler.kind == "asha" and METHODS.get(exp.method).train
     search = make_search(metric, sweep.search.seed, sweep.search.startup_trials, epochs if asha else None)

@@ -29,7 +29,7 @@ def full_with(tmp_path: Path, **changes) -> Path:
 
 
 def test_shipped_sweeps_pass_every_check():
-    for name in ("smoke", "full", "ablation"):
+    for name in ("smoke", "full", "ablation", "backbones"):
         assert check_sweep(load_sweep(ROOT / "sweeps" / f"{name}.yaml")) == []
 
 
@@ -52,6 +52,16 @@ def test_polarbear_p_wider_than_its_training_identities_fails_dry_run_in_one_lin
     ({"resources": {"use_gpu": False}}, "atrw: resources.use_gpu: false with gpus: 1"),
     ({"search_space": {"stage2.batch_p": {"kind": "choice", "values": [8, 64]}}},
      "stoat: stage2.batch_p: P=64 (searched stage2.batch_p=64) exceeds the 48 training identities"),
+    # weights that cannot fit the backbone, found offline before any trial builds a model
+    ({"search_space": {"model": {"kind": "choice", "values": [
+        {"backbone": "ViT-B-16", "pretrained": "openai"}, {"backbone": "ViT-L-14", "pretrained": "hf-hub:imageomics/bioclip"}]}}},
+     "atrw: model.pretrained: hf-hub:imageomics/bioclip is a ViT-B-16, not a ViT-L-14: set model.backbone: ViT-B-16 "
+     "(searched model=backbone=ViT-L-14, pretrained=hf-hub:imageomics/bioclip)"),
+    ({"search_space": {"model.backbone": {"kind": "choice", "values": ["ViT-B-16", "ViT-L-14"]},  # every pair TPE may draw
+                       "model.pretrained": {"kind": "choice", "values": ["hf-hub:imageomics/bioclip"]}}},
+     "atrw: model.pretrained: hf-hub:imageomics/bioclip is a ViT-B-16, not a ViT-L-14"),
+    ({"search_space": {"model.pretrained": {"kind": "choice", "values": ["openai", "opena1"]}}},
+     "atrw: model.pretrained: 'opena1' is not an open_clip weights tag of ViT-B-16 (tags: openai, "),
 ])
 def test_each_problem_names_dataset_key_and_fix(tmp_path: Path, capsys, changes: dict, line: str):
     f = full_with(tmp_path, **changes)
@@ -161,3 +171,23 @@ def test_rehearsal_keeps_the_plan_and_substitutes_data_model_and_reductions(tmp_
         assert (c.runtime.device, c.runtime.max_steps_per_epoch, c.data.path) == ("cpu", 3, str(tmp_path / "data" / d))
     declared = declared_resources(real, red)
     assert declared["num_gpus"] == 8 and declared["num_cpus"] >= 8 * 8
+
+
+def test_rehearsal_runs_searched_backbones_on_the_tiny_model_and_preflight_runs_each(tmp_path: Path):
+    """A searched backbone is sampled and recorded in a rehearsal, but every trial builds the tiny
+    model (pinned); the preflight runs each searched backbone x weights once (a grid)."""
+    from harness.config import ParamSpec
+    from harness.plan import search_space
+    from harness.rehearsal import REHEARSAL_MODEL, Reductions, preflight_sweep, rehearsal_sweep
+
+    real = load_sweep(ROOT / "sweeps" / "backbones.yaml")
+    reh = rehearsal_sweep(real, Reductions(), tmp_path / "data", {d: tmp_path / "data" / d for d in real.datasets})
+    assert reh.search_space == real.search_space  # the dimension still runs through the search
+    label = "backbone=ViT-L-14, pretrained=hf-hub:imageomics/bioclip-2"
+    assert trial_config(real, "atrw", "indivaid", {"model": label}).model.backbone == "ViT-L-14"
+    c = trial_config(reh, "atrw", "indivaid", {"model": label, "stage2.lr": 3e-5})
+    assert (c.model.backbone, c.model.pretrained, c.stage2.lr) == (REHEARSAL_MODEL["backbone"], None, 3e-5)
+    pre = preflight_sweep(real, 4)
+    assert pre.search_space == {"model": ParamSpec("grid", values=real.search_space["model"].values)}
+    assert len(search_space(pre, "indivaid")["model"]["grid_search"]) == 4
+

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_sweep, trial_config
+from indivaid.config import ConfigError
 from harness.plan import plan, search_space
 from harness.sweep import main
 
@@ -32,7 +33,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_sweep_files_load():
-    for name in ("smoke", "full", "ablation", "ablation-cpu"):
+    for name in ("smoke", "full", "ablation", "ablation-cpu", "backbones"):
         load_sweep(ROOT / "sweeps" / f"{name}.yaml")
 
 
@@ -46,6 +47,59 @@ def test_plan_drops_keys_that_do_not_apply_and_counts_trials(tmp_path: Path):
                       ("final", "clipreid"): 2, ("search", "zeroshot"): 1, ("final", "zeroshot"): 1}
     cfg = trial_config(sweep, "synthetic", "indivaid", {"stage2.lr": 0.002, "fusion.heads": 1}, seed=7)
     assert (cfg.stage2.lr, cfg.fusion.heads, cfg.runtime.seed, cfg.model.backbone) == (0.002, 1, 7, "tiny")
+
+
+JOINT = """
+  model:
+    kind: choice
+    values: [{backbone: tiny, pretrained: null}, {backbone: small, pretrained: null, stride: 8}]
+"""
+
+
+def test_backbone_and_weights_are_searched_together_and_zero_shot_tries_each(tmp_path: Path):
+    """A choice over a section sets its keys together (Tune and Optuna see labels); a method that
+    does not train evaluates every choice (a grid); the caches of every searched backbone are warmed."""
+    from harness.orchestrate import cache_configs
+    from harness.tuning import tune_settings
+
+    sweep = load_sweep(write(tmp_path, GOOD.replace("search_space:\n", "search_space:" + JOINT)))
+    spec = sweep.search_space["model"]
+    assert spec.joint and spec.labels() == ["backbone=tiny, pretrained=None", "backbone=small, pretrained=None, stride=8"]
+    cfg = trial_config(sweep, "synthetic", "clipreid", {"model": "backbone=small, pretrained=None, stride=8"})
+    assert (cfg.model.backbone, cfg.model.stride, cfg.model.pretrained) == ("small", 8, None)
+    same = trial_config(sweep, "synthetic", "clipreid", {"model": {"backbone": "small", "pretrained": None, "stride": 8}})
+    assert same == cfg  # best.yaml may hold the mapping itself
+    with pytest.raises(ConfigError, match="search_space.model: 'backbone=big' is none of its values"):
+        trial_config(sweep, "synthetic", "clipreid", {"model": "backbone=big"})
+    assert search_space(sweep, "indivaid")["model"].categories == spec.labels()  # TPE samples it
+    assert search_space(sweep, "zeroshot") == {"model": {"grid_search": spec.labels()}}
+    counts = {(e.phase, e.method): n for e, n in plan(sweep)}
+    assert counts[("search", "zeroshot")] == 2 and counts[("search", "indivaid")] == 3
+    exps = {e.method: e for e, _ in plan(sweep) if e.phase == "search"}
+    zs = tune_settings(sweep, exps["zeroshot"], 2, 1, search_space(sweep, "zeroshot"))
+    assert zs["num_samples"] == 1 and "search_alg" not in zs  # the grid runs each value once
+    assert "search_alg" in tune_settings(sweep, exps["indivaid"], 3, 1, search_space(sweep, "indivaid"))
+    # seeds 0 and 1 (random init) x two backbones; methods share them
+    warmed = {(c["model"]["backbone"], c["runtime"]["seed"]) for c in cache_configs(sweep, "synthetic")}
+    assert warmed == {("tiny", 0), ("tiny", 1), ("small", 0), ("small", 1)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (("search_space:\n", "search_space:" + JOINT.replace("backbone: small, pretrained: null, stride: 8",
+                                                          "backbone: tiny, pretrained: null")),
+     "search_space.model: duplicate values (backbone=tiny, pretrained=None)"),
+    (("search_space:\n", "search_space:\n  model: {kind: choice, values: [{backbone: tiny}, small]}\n"),
+     "search_space.model: either every value is a mapping"),
+    (("search_space:\n", "search_space:\n  model.backbone: {kind: grid, values: [tiny, small]}\n"),
+     "search_space: grid keys (model.backbone) cannot be mixed with sampled keys (stage2.lr, fusion.heads)"),
+    (("search_space:\n", "search_space:\n  model: {kind: choice, values: [{backbone: tiny, strid: 8}]}\n"),
+     "search_space.model: model.strid: unknown key (did you mean 'stride'?)"),
+])
+def test_bad_joint_choices_give_one_clear_error(tmp_path: Path, capsys, change, message):
+    f = write(tmp_path, GOOD.replace(*change))
+    assert main([str(f), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {f}:") and message in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("change, message", [

@@ -36,13 +36,14 @@ def test_every_result_key_has_a_typed_column_and_an_empty_table_has_them_all():
     old = conform(pl.DataFrame({"dataset": ["a"], "method": ["m"], "phase": ["search"], "test_mAP": [None],
                                 f"{PARAM_PREFIX}stage2.lr": [1e-4], "unknown": [1]}))
     assert old["test_mAP"].dtype == pl.Float64 and old["val_BAKS"].is_null().all()
+    assert old["robust_rel_mAP"].dtype == pl.Float64 and old["robust_rel_mAP"].is_null().all()
     assert old.columns == [*TRIAL_SCHEMA, f"{PARAM_PREFIX}stage2.lr"]
 
 
-def _trial_folder(exp: Path, name: str, *, result: dict[str, Any] | None) -> None:
+def _trial_folder(exp: Path, name: str, *, result: dict[str, Any] | None, phase: str = "search") -> None:
     trial = exp / name
     (trial / "run").mkdir(parents=True)
-    info = {"trial_id": name, "dataset": "synthetic", "method": "clipreid", "phase": "search", "seed": 0,
+    info = {"trial_id": name, "dataset": "synthetic", "method": "clipreid", "phase": phase, "seed": 0,
             "params": {"stage2.lr": 1e-4}, "node_id": "n0", "started": 1000.0}
     (trial / "trial.json").write_text(json.dumps(info))
     (trial / "starts.jsonl").write_text(json.dumps({"time": 1000.0}) + "\n")
@@ -82,6 +83,38 @@ def test_collect_reads_open_set_and_run_numbers_into_their_columns(tmp_path: Pat
     assert (done["model_bytes"], done["ckpt_kept_bytes"]) == (7, 11)
     assert done["checkpoint_path"] == str(exp / "done" / "run" / "model.pt") and going_row["checkpoint_path"] is None
     assert going_row["val_mAP"] == 0.2 and going_row["val_BAKS"] is None and going_row["wall_s"] == pytest.approx(3.0)
+
+
+def test_collect_reads_robustness_scores_into_their_columns_and_keeps_a_later_error(tmp_path: Path, data_root: Path,
+                                                                                    monkeypatch):
+    """A final run scored by the robustness suite: run/robustness.json's "metrics" become the robust_*
+    columns, which are exactly the suite's figures; a run without the file has them null. A run that
+    finished and then failed (its scoring) stays completed, with its error beside its numbers."""
+    import harness.results as results
+    from indivaid.eval.robustness import NAMES, SEVERITIES, summarize, summary_metrics
+
+    cells = {n: [{"rel_mAP": 1.0 - 0.1 * sev - 0.01 * i, "rel_rank1": 1.0 - 0.05 * sev} for sev in SEVERITIES]
+             for i, n in enumerate(NAMES)}
+    metrics = summary_metrics({"summary": summarize(cells), "clean": {"mAP": 0.4, "rank1": 0.5}})
+    assert tuple(metrics) == results.ROBUST_METRICS  # the listed columns are the suite's figures
+    sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
+    exp = sweep.storage_path / "final-synthetic-clipreid"
+    test = {"mAP": 0.4, "rank1": 0.5}
+    history = [{"stage": 2, "epoch": 4, "s2_epoch": 4, "val_mAP": 0.3, "lr": 1e-4}]
+    for name in ("scored", "failed"):
+        _trial_folder(exp, name, phase="final", result={"val": {"mAP": 0.3}, "test": test, "history": history})
+    (exp / "scored" / "run" / "robustness.json").write_text(json.dumps({"clean": test, "metrics": metrics}))
+    tune = {"scored": results.TuneTrial("TERMINATED", history[-1], history, None),
+            "failed": results.TuneTrial("ERROR", history[-1], history, "RuntimeError: robustness scoring failed")}
+    monkeypatch.setattr(results, "tune_trials", lambda store, experiment: tune)
+    failed, scored = (r for r in collect(sweep).sort("trial_id").iter_rows(named=True))
+    assert all(TRIAL_SCHEMA[c] == pl.Float64 for c in results.ROBUST_METRICS)
+    assert {c: scored[c] for c in results.ROBUST_METRICS} == pytest.approx(metrics)
+    assert scored["robust_rel_mAP"] == pytest.approx(1.0 - 0.2 - 0.045) and scored["robust_clean_mAP"] == 0.4
+    assert scored["error"] is None and scored["test_mAP"] == 0.4
+    assert all(failed[c] is None for c in results.ROBUST_METRICS)
+    assert (failed["status"], failed["test_mAP"], failed["error"]) == (
+        "completed", 0.4, "RuntimeError: robustness scoring failed")
 
 
 def test_a_trial_tunes_finished_state_never_recorded_is_lost_not_an_error(tmp_path: Path, data_root: Path,

@@ -29,6 +29,10 @@ def ray_local():
     ray.shutdown()
 
 
+BASE_SPACE = {"stage2.lr": {"kind": "loguniform", "low": 1e-4, "high": 3e-3},
+              "fusion.heads": {"kind": "choice", "values": [1, 2]}}
+
+
 def sweep_file(tmp_path: Path, data_root: Path, **extra) -> Path:
     doc = {
         "name": "t", "storage": str(tmp_path / "results"), "data_root": str(data_root),
@@ -38,8 +42,7 @@ def sweep_file(tmp_path: Path, data_root: Path, **extra) -> Path:
                  "stage2": {"epochs": 4, "warmup_epochs": 1, "batch_p": 8},
                  "eval": {"every": 1}, "checkpoint": {"every": 1}, "runtime": {"threads": 1}},
         "per_dataset": {"synthetic": {"data": {"options": dict(SMALL)}}},
-        "search_space": {"stage2.lr": {"kind": "loguniform", "low": 1e-4, "high": 3e-3},
-                         "fusion.heads": {"kind": "choice", "values": [1, 2]}},
+        "search_space": BASE_SPACE,
         "search": {"num_samples": 3, "max_concurrent": 1, "startup_trials": 1},
         "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
         "final": {"seeds": 2},
@@ -77,11 +80,20 @@ def assert_asha_rule(storage: Path, method: str, rungs: tuple[int, ...], t: pl.D
 @pytest.mark.timeout(600)
 def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     # the three dataset x method chains run concurrently, each Tuner driven from its own Ray task
-    sweep = load_sweep(sweep_file(tmp_path, data_root, search={"num_samples": 3, "max_concurrent": 1, "startup_trials": 1,
-                                                                "max_concurrent_experiments": 3}))
+    # the backbone is searched too, as a joint choice (a section's keys set together): TPE samples it
+    # for the trained methods, zero-shot evaluates each (a grid)
+    space = {**BASE_SPACE, "model": {"kind": "choice", "values": [{"backbone": "tiny"}, {"backbone": "small"}]}}
+    sweep = load_sweep(sweep_file(tmp_path, data_root, search_space=space,
+                                  search={"num_samples": 3, "max_concurrent": 1, "startup_trials": 1,
+                                          "max_concurrent_experiments": 3}))
     out = run_sweep(sweep)
     t = pl.read_parquet(out)
     search = t.filter(pl.col("phase") == "search")
+    zeroshot = search.filter(pl.col("method") == "zeroshot")
+    assert sorted(zeroshot["param.model"]) == ["backbone=small", "backbone=tiny"]
+    for r in t.iter_rows(named=True):  # each trial trained the backbone its label names
+        ran = json.loads(Path(r["config_path"]).read_text())["model"]["backbone"]
+        assert r["param.model"] == f"backbone={ran}", (r["trial_id"], r["param.model"], ran)
     assert search.filter(pl.col("method") == "indivaid").height == 3
     assert search.filter(pl.col("method") == "clipreid").height == 3
     assert set(search["stop_reason"]) <= {"completed", "asha_stopped"}
@@ -98,10 +110,11 @@ def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     assert set(best) == {"synthetic/indivaid", "synthetic/clipreid", "synthetic/zeroshot"}
     assert (sweep.storage_path / "manifest.json").is_file()
     # the shared frozen-feature caches were computed once per key, by the warm-up task, before any trial;
-    # random-init weights depend on the seed: one key for seed 0 (search + final) and one for seed 1
+    # random-init weights depend on the seed: per searched backbone, one key for seed 0 (search + final)
+    # and one for seed 1
     made = [json.loads(line) for line in (sweep.storage_path / "cache" / "features.jsonl").read_text().splitlines()]
     files = sorted(p.name for p in (sweep.storage_path / "cache").glob("features-*.pt"))
-    assert sorted(m["file"] for m in made) == files and len(files) == 2
+    assert sorted(m["file"] for m in made) == files and len(files) == 4
     assert {m["origin"] for m in made} == {"warm"}
 
 
@@ -146,6 +159,49 @@ def test_failing_trial_is_a_row_with_its_reason_and_the_rest_finish(ray_local, d
     assert "TrainingError: stage 2, epoch 1: loss term" in bad["error"]
     good = t.filter(pl.col("method") == "zeroshot").row(0, named=True)
     assert good["status"] == "completed" and good["val_mAP"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_final_runs_are_scored_for_robustness_once_and_the_leaderboard_shows_it(ray_local, data_root: Path,
+                                                                               tmp_path: Path, capsys):
+    """``final: {robustness: true}``: the final model is scored with corrupted queries, its report
+    stored in run/, its figures in trials.parquet and the leaderboard's robustness table. A restarted
+    trial (fresh workdir, the finished run's files only) does not score again; without the stored
+    scores it scores the stored model, to the same numbers (seeded)."""
+    import math
+
+    from harness import leaderboard as lb
+    from harness.trial import RunFiles, restore_run, score_robustness
+
+    f = sweep_file(tmp_path, data_root, methods=["clipreid"], final={"seeds": 1, "robustness": True},
+                   search={"num_samples": 1, "max_concurrent": 1, "startup_trials": 1})
+    sweep = load_sweep(f)
+    t = pl.read_parquet(run_sweep(sweep))
+    final = t.filter(pl.col("phase") == "final").row(0, named=True)
+    rel = final["robust_rel_mAP"]
+    assert final["status"] == "completed" and rel is not None and math.isfinite(rel) and 0 < rel < 1.5, final
+    assert final["robust_clean_mAP"] > 0 and final["robust_jpeg_rel_mAP"] is not None
+    assert t.filter(pl.col("phase") == "search")["robust_rel_mAP"].is_null().all()  # only final runs are scored
+    run = Path(final["config_path"]).parent
+    assert (run / "robustness.png").stat().st_size > 0
+    stored = json.loads((run / "robustness.json").read_text())
+    assert stored["split"] == "test" and stored["seed"] == final["seed"]
+    assert stored["metrics"]["robust_rel_mAP"] == pytest.approx(rel)
+    capsys.readouterr()
+    assert lb.main([str(sweep.storage_path), "--format", "markdown", "--no-report", "-q"]) == 0
+    assert "## Robustness to corrupted queries" in capsys.readouterr().out
+
+    folder = run.parent.relative_to(sweep.storage_path).as_posix()
+    workdir = tmp_path / "restarted"
+    workdir.mkdir()
+    assert restore_run(sweep.store, folder, workdir, None) == "finished run"
+    before = (run / "robustness.json").stat().st_mtime_ns
+    score_robustness(RunFiles(sweep.store, folder, workdir), final["seed"])  # scored already: left alone
+    assert (run / "robustness.json").stat().st_mtime_ns == before and not (workdir / "model.pt").exists()
+    (run / "robustness.json").unlink()
+    score_robustness(RunFiles(sweep.store, folder, workdir), final["seed"])  # the stored model, scored again
+    again = json.loads((run / "robustness.json").read_text())
+    assert again["metrics"] == pytest.approx(stored["metrics"])
 
 
 @pytest.mark.timeout(600)
@@ -206,17 +262,22 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, data_root: Path
 def test_preflight_runs_each_dataset_method_once_for_a_few_steps(ray_local, data_root: Path, tmp_path: Path):
     from harness.rehearsal import preflight, preflight_rows, preflight_sweep
 
-    sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["indivaid", "zeroshot"]))
+    space = {**BASE_SPACE, "model": {"kind": "choice", "values": [{"backbone": "tiny"}, {"backbone": "small"}]}}
+    sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["indivaid", "zeroshot"], search_space=space))
     report = Path(preflight(sweep, steps=2))
     psweep = preflight_sweep(sweep, 2)
     t = pl.read_parquet(psweep.storage_path / "trials.parquet")
-    assert sorted(t["method"]) == ["indivaid", "zeroshot"] and (t["status"] == "completed").all()  # once each
+    # once per dataset x method x searched backbone; the other searched keys keep their base values
+    assert sorted(zip(t["method"], t["param.model"])) == [("indivaid", "backbone=small"), ("indivaid", "backbone=tiny"),
+                                                         ("zeroshot", "backbone=small"), ("zeroshot", "backbone=tiny")]
+    assert (t["status"] == "completed").all() and "param.stage2.lr" not in t.columns
     assert (t.filter(pl.col("method") == "indivaid")["steps_per_epoch"] == 2).all()  # a few steps per stage
-    rows = {r["method"]: r for r in preflight_rows(psweep, t)}
-    assert rows["indivaid"]["first_report_s"] > 0 and rows["indivaid"]["images_per_s"] > 0
-    assert rows["indivaid"]["max_mem_gb"] is None  # no accelerator here
+    rows = {(r["method"], r["variant"]): r for r in preflight_rows(psweep, t)}
+    first = rows[("indivaid", "model=backbone=tiny")]
+    assert first["first_report_s"] > 0 and first["images_per_s"] > 0
+    assert first["max_mem_gb"] is None  # no accelerator here
     text = report.read_text()
-    assert "| synthetic | indivaid | completed |" in text and "peak GPU memory" in text
+    assert "| synthetic | indivaid | model=backbone=small | completed |" in text and "peak GPU memory" in text
 
 
 @pytest.mark.timeout(600)

@@ -571,3 +571,35 @@ def test_reference_method_can_be_chosen(golden: Path, capsys: pytest.CaptureFixt
     assert code == 0 and "Δ mAP vs IndivAID (pp)" in out and "minus IndivAID's" in out and "vs CLIP-ReID" not in out
     code, _, err = run_main([str(golden), "--reference", "nosuch", "--no-report"], capsys)
     assert code == 2 and "--reference nosuch: no nosuch runs" in err
+
+
+def test_robustness_table_shows_relative_robustness_and_tests_its_delta(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]):
+    """Final runs scored by the robustness suite: relative robustness as mean ± std in percent, its Δ vs
+    CLIP-ReID tested like mAP (5 paired seeds, IndivAID ahead on every one: p at its floor), zero-shot's
+    one run shown untested; in markdown, HTML and the terminal, and only where some run has the scores."""
+    rows = [trial("lion", "zeroshot", "final", test=0.2, robust_rel_mAP=0.90)]
+    for s, (c, i) in enumerate([(0.70, 0.80), (0.72, 0.81), (0.71, 0.82), (0.73, 0.85), (0.74, 0.82)]):
+        for method, rel in (("clipreid", c), ("indivaid", i)):
+            rows.append(trial("lion", method, "final", seed=s, test=0.5, robust_rel_mAP=rel, robust_clean_mAP=0.5))
+    write_sweep(tmp_path / "robust", "robust", rows)
+    board = board_of(tmp_path / "robust")
+    ind, ref, zs = row(board, "lion", "indivaid"), row(board, "lion", "clipreid"), row(board, "lion", "zeroshot")
+    assert ind["robust_rel_mAP_mean"] == pytest.approx(82.0) and ref["robust_rel_mAP_mean"] == pytest.approx(72.0)
+    assert ind["robust_rel_mAP_std"] == pytest.approx(100 * math.sqrt(14e-4 / 4))  # deviations -2, -1, 0, 3, 0 pp
+    assert ind["n_robust"] == 5 and ind["delta_robust"] == pytest.approx(10.0) and ind["n_pairs_robust"] == 5
+    assert ind["p_robust"] == pytest.approx(P_FLOOR) and ind["p_holm_robust"] == pytest.approx(P_FLOOR)
+    assert ind["test_robust"] == "*" and ref["test_robust"] == "ref"
+    assert zs["delta_robust"] == pytest.approx(18.0) and zs["p_robust"] is None and zs["test_robust"] == "n/a"
+    assert ind["delta"] == pytest.approx(0.0)  # the main table's Δ mAP is its own
+    code, out, _ = run_main([str(tmp_path / "robust"), "--format", "markdown", "--no-report"], capsys)
+    assert code == 0 and "## Robustness to corrupted queries" in out
+    assert "| Lion | IndivAID | 5 | 50.0 ± 0.0 | 82.0 ± 1.9 | +10.0 * | <0.001 |" in out
+    assert "| Lion | zero-shot CLIP | 1 | 20.0 | 90.0 | +18.0 n/a | — |" in out and "Δ vs CLIP-ReID (pp)" in out
+    code, out, _ = run_main([str(tmp_path / "robust"), "--no-report"], capsys)
+    assert code == 0 and "Robustness to corrupted queries" in out and "82.0 ± 1.9" in out
+    code, out, _ = run_main([str(tmp_path / "robust"), "--format", "html", "--no-report"], capsys)
+    assert code == 0 and "<h2>Robustness to corrupted queries</h2>" in out and "<td>+10.0 *</td>" in out
+    write_sweep(tmp_path / "closed", "closed", golden_rows())  # an older file: no robust_* columns at all
+    code, out, _ = run_main([str(tmp_path / "closed"), "--format", "markdown", "--no-report"], capsys)
+    assert code == 0 and "Robustness" not in out

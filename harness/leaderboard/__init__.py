@@ -22,18 +22,19 @@ from harness.leaderboard.plots import (hyperparameter_importance, plot_importanc
 from harness.leaderboard.published import load_published, published_rows
 from harness.leaderboard.render import (display_rows, fmt_delta, fmt_metric, fmt_p, legend_lines,
                                         published_display_rows, render_csv, render_html, render_json, render_markdown,
-                                        render_rich)
-from harness.leaderboard.stats import BOARD_COLUMNS, BOARD_SCHEMA, aggregate, full_table, holm, paired_bootstrap
+                                        render_rich, robustness_rows)
+from harness.leaderboard.stats import (BOARD_COLUMNS, BOARD_SCHEMA, aggregate, full_table, has_robustness, holm,
+                                       paired_bootstrap)
 from harness.results import TRIAL_SCHEMA, param_columns
 
 __all__ = [
     "ALPHA", "BOARD_COLUMNS", "BOARD_SCHEMA", "DASH", "DATASET_LABELS", "FALLBACK_MARK", "LABELS", "METHOD_LABELS",
     "METHOD_ORDER", "METRICS", "MIN_PAIRS", "N_BOOT", "REFERENCE", "REHEARSAL_MARK", "RNG_SEED", "SOURCE_TEST",
     "SOURCE_VAL", "TRIAL_SCHEMA", "UNTRAINED", "LeaderboardError", "Loaded", "aggregate", "build_parser",
-    "display_rows", "find_sweep_dirs", "fmt_delta", "fmt_metric", "fmt_p", "full_table", "holm",
+    "display_rows", "find_sweep_dirs", "fmt_delta", "fmt_metric", "fmt_p", "full_table", "has_robustness", "holm",
     "hyperparameter_importance", "label_dataset", "label_method", "legend_lines", "load_published", "load_results",
     "main", "paired_bootstrap", "param_columns", "plot_importance", "plot_metric_bars", "plot_parallel",
     "published_display_rows", "published_rows", "read_manifest", "read_trials", "render_csv", "render_html",
-    "render_json", "render_markdown", "render_plots", "render_rich", "report_dir", "select_newest",
+    "render_json", "render_markdown", "render_plots", "render_rich", "report_dir", "robustness_rows", "select_newest",
     "supported_schema_version", "with_scope",
 ]

@@ -5,9 +5,11 @@ Per dataset x method: the final runs (best searched config, several seeds, score
 paired bootstrap over seeds when both ran at least 5 of the same seeds (fewer: Δ shown, not tested),
 Holm-corrected per method across datasets; what it cost (trials, failures, GPU-hours,
 images/s). A dataset x method without final runs falls back to its best search trial, selected and
-scored on validation (marked †, never tested). Published numbers from ``harness/published.csv`` are
-shown beside, as context. Plots: the metric per dataset and method, hyperparameter importance and a
-parallel-coordinates view of the search.
+scored on validation (marked †, never tested). Final runs scored by the robustness suite
+(``final: {robustness: true}``) get a robustness table: relative robustness (corrupted / clean
+mAP) as mean ± std over seeds, and its Δ to CLIP-ReID tested in the same way. Published numbers
+from ``harness/published.csv`` are shown beside, as context. Plots: the metric per dataset and
+method, hyperparameter importance and a parallel-coordinates view of the search.
 
 Runs on a laptop with results copied from a cluster: polars, numpy, matplotlib (Agg) and rich;
 no Ray, no torch at import time.

@@ -8,12 +8,16 @@ from typing import Any
 
 import polars as pl
 
+from harness.results import ROBUST_REL_MAP
+
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")  # the order re-ID papers print them in
 # Open-set identification (docs/method.md): sweeps with unknown identities in their splits have them;
 # GM = sqrt(BAKS * BAUS) at the threshold calibrated on validation, AnimalCLEF 2025's ranking score.
 OPENSET_METRICS = ("GM", "BAKS", "BAUS", "AUROC")
 ALL_METRICS = METRICS + OPENSET_METRICS
 OPENSET_DELTA = "GM"  # the open-set score that gets its own Δ and test beside the chosen metric's
+# Relative robustness (final.robustness: corrupted / clean mAP over the suite): its own table, Δ and test.
+ROBUST = ROBUST_REL_MAP
 LABELS = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP", "mINP": "mINP",
           "GM": "GM", "BAKS": "BAKS", "BAUS": "BAUS", "AUROC": "AUROC"}
 REFERENCE = "clipreid"  # every Δ is against CLIP-ReID on the same dataset

@@ -1,5 +1,6 @@
 """The board as text: the rich terminal table, GitHub markdown, CSV, JSON and one self-contained
-HTML page, with the legend that says what the marks and statistics mean."""
+HTML page, with the legend that says what the marks and statistics mean; under it, where final runs
+were scored by the robustness suite, the robustness table."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from typing import Any
 import polars as pl
 
 from harness.leaderboard.common import (ALPHA, DASH, FALLBACK_MARK, LABELS, METRICS, MIN_PAIRS, N_BOOT, OPENSET_DELTA,
-                                        OPENSET_METRICS, REFERENCE, RNG_SEED, SOURCE_TEST, SOURCE_VAL, label_dataset,
-                                        label_method, num)
-from harness.leaderboard.stats import OPENSET_SUFFIX, has_openset
+                                        OPENSET_METRICS, REFERENCE, RNG_SEED, ROBUST, SOURCE_TEST, SOURCE_VAL,
+                                        label_dataset, label_method, num)
+from harness.leaderboard.stats import OPENSET_SUFFIX, ROBUST_SUFFIX, has_openset, has_robustness
+from harness.results import ROBUST_CORRUPTIONS
 
 
 def fmt_metric(mean: Any, std: Any) -> str:
@@ -86,6 +88,41 @@ def display_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list
             cells.insert(0, r["sweep_id"] or DASH)
         rows.append(cells)
     return header, rows
+
+
+ROBUSTNESS_TITLE = "Robustness to corrupted queries"
+
+
+def robustness_rows(board: pl.DataFrame, with_sweep: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and string cells of the robustness table: the dataset x method rows whose final runs
+    were scored by the suite, their relative robustness and its Δ vs the reference with its test."""
+    x = ROBUST_SUFFIX
+    header = ["Dataset", "Method", "n", "Test mAP", "Relative robustness", f"Δ vs {ref_label(board)} (pp)", "p (Holm)"]
+    if with_sweep:
+        header.insert(0, "Sweep")
+    rows = []
+    for r in board.filter((pl.col("kind") == "result") & pl.col(f"{ROBUST}_mean").is_not_null()).iter_rows(named=True):
+        cells = [label_dataset(r["dataset"]), label_method(r["method"]), str(r["n_robust"]),
+                 fmt_metric(r["mAP_mean"], r["mAP_std"]), fmt_metric(r[f"{ROBUST}_mean"], r[f"{ROBUST}_std"]),
+                 "ref" if r[f"test{x}"] == "ref" else fmt_delta(r[f"delta{x}"], r[f"test{x}"]), fmt_p(r[f"p_holm{x}"])]
+        if with_sweep:
+            cells.insert(0, r["sweep_id"] or DASH)
+        rows.append(cells)
+    return header, rows
+
+
+def robustness_legend(ref: str) -> list[str]:
+    """What the robustness table's numbers mean (markdown; the HTML renderer reuses it)."""
+    return [
+        "Relative robustness (sweeps with `final: {robustness: true}`): a final model's test mAP with its "
+        "queries corrupted (gallery clean) divided by its clean test mAP, averaged over the "
+        f"{len(ROBUST_CORRUPTIONS)} corruptions of `python -m indivaid robustness` ({', '.join(ROBUST_CORRUPTIONS)}) "
+        "at each of their severities; percent (100 = unaffected), mean ± std over the n final runs scored. "
+        "Test mAP: the final runs' clean test mAP, as in the table above.",
+        f"Δ: relative robustness minus {ref}'s, in points, paired over seeds and tested like the table above "
+        "(paired bootstrap, Holm per method across datasets). Per-corruption figures: the "
+        "`robust_<corruption>_rel_mAP` columns of trials.parquet, and each run's `run/robustness.json` and .png.",
+    ]
 
 
 def _fmt_published(v: float | None) -> str:
@@ -177,6 +214,9 @@ def render_markdown(board: pl.DataFrame, published: pl.DataFrame | None = None, 
         out += [line, ""]
     out += [_md_table(*display_rows(board, with_sweep)), ""]
     out += [f"- {x}" for x in legend_lines(metric, has_openset(board), ref_label(board))] + [""]
+    if has_robustness(board):
+        out += [f"## {ROBUSTNESS_TITLE}", "", _md_table(*robustness_rows(board, with_sweep)), ""]
+        out += [f"- {x}" for x in robustness_legend(ref_label(board))] + [""]
     if published is not None and published.height:
         out += ["## Published numbers (context, not like-for-like)", "",
                 _md_table(*published_display_rows(published)), ""]
@@ -237,6 +277,17 @@ def render_rich(board: pl.DataFrame, published: pl.DataFrame | None = None, with
     console.print(f"{FALLBACK_MARK} val = selected on validation (best search trial, no final run); * / n.s. = "
                   f"significant or not at α = {ALPHA} (paired bootstrap over seeds, Holm across datasets); "
                   f"n/a = not tested (e.g. fewer than {MIN_PAIRS} paired seeds). Full legend in leaderboard.md.")
+    if has_robustness(board):
+        rh, rrows = robustness_rows(board, with_sweep)
+        rt = Table(title=f"{ROBUSTNESS_TITLE} (relative mAP, percent; Δ vs {ref_label(board)} in points)",
+                   box=box.SIMPLE_HEAD, padding=(0, 1))
+        for h in rh:
+            right = h not in ("Sweep", "Dataset", "Method")
+            rt.add_column(h.split(" vs ")[0] if h.startswith("Δ") else h, justify="right" if right else "left",
+                          no_wrap=right)
+        for cells in rrows:
+            rt.add_row(*cells)
+        console.print(rt)
     if published is not None and published.height:
         ph, prows = published_display_rows(published)
         pt = Table(title="Published numbers (context, not like-for-like)", box=box.SIMPLE_HEAD)
@@ -289,6 +340,9 @@ def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, swee
     parts.append(table(header, rows, classes))
     items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric, has_openset(board), ref_label(board)))
     parts.append(f"<ul>{items}</ul>")
+    if has_robustness(board):
+        items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in robustness_legend(ref_label(board)))
+        parts += [f"<h2>{ROBUSTNESS_TITLE}</h2>", table(*robustness_rows(board, with_sweep)), f"<ul>{items}</ul>"]
     if published is not None and published.height:
         parts += ["<h2>Published numbers (context, not like-for-like)</h2>", table(*published_display_rows(published))]
     if plots:

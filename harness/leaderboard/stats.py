@@ -1,6 +1,7 @@
 """The leaderboard's numbers: per dataset x method means and stds of the final runs (or the best
 search trial's validation scores), Δ to CLIP-ReID with a paired bootstrap over seeds, Holm's
-correction per method across datasets, and per-method mean rows."""
+correction per method across datasets, and per-method mean rows. The open-set GM and the relative
+robustness get their own Δ and test, in columns with their suffix."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import polars as pl
 
 from harness.leaderboard.common import (ALL_METRICS, ALPHA, MIN_PAIRS, N_BOOT, OPENSET_DELTA, OPENSET_METRICS,
-                                        REFERENCE, RNG_SEED, SOURCE_TEST, SOURCE_VAL, UNTRAINED, LeaderboardError,
-                                        fmt_value, label_method, method_rank)
+                                        REFERENCE, RNG_SEED, ROBUST, SOURCE_TEST, SOURCE_VAL, UNTRAINED,
+                                        LeaderboardError, fmt_value, label_method, method_rank)
 from harness.leaderboard.load import with_scope
 from harness.results import param_columns
 
@@ -72,7 +73,8 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False,
 
     Metrics in percent, Δ in percentage points, p-values as probabilities. Every dataset x method
     pair seen in the results gets a row, empty ("—" when shown) where that method has no trials.
-    Where the runs have open-set scores, the board also tests GM against CLIP-ReID (``*_GM`` columns).
+    Where the runs have open-set scores, the board also tests GM against CLIP-ReID (``*_GM`` columns);
+    where they have robustness scores, the relative robustness (``robust_rel_mAP_*``, ``*_robust``).
     ``reference``: the method every Δ is against (CLIP-ReID; e.g. ``indivaid-mean`` for the fusion ablation).
     """
     if metric not in ALL_METRICS:
@@ -96,6 +98,8 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False,
         pl.len().alias("n_final"),
         *[(100 * pl.col(f"test_{m}").mean()).alias(f"f_{m}_mean") for m in ALL_METRICS],
         *[(100 * pl.col(f"test_{m}").std(ddof=1)).alias(f"f_{m}_std") for m in ALL_METRICS],
+        (100 * pl.col(ROBUST).mean()).alias(f"{ROBUST}_mean"), (100 * pl.col(ROBUST).std(ddof=1)).alias(f"{ROBUST}_std"),
+        pl.col(ROBUST).count().alias("n_robust"),
         *[pl.col(p).drop_nulls().first() for p in params],
     )
     fstats = fstats.with_columns(pl.Series("f_config", _config_strings(fstats, params), dtype=pl.String)).drop(params)
@@ -123,6 +127,7 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False,
                                f"(methods: {', '.join(sorted(set(trials['method'].to_list())))})")
     board = _add_deltas(board, final, metric, key, reference=reference)
     board = _add_deltas(board, final, OPENSET_DELTA, key, suffix=OPENSET_SUFFIX, reference=reference)
+    board = _add_deltas(board, final, ROBUST, key, suffix=ROBUST_SUFFIX, reference=reference, column=ROBUST)
     board = _add_mean_rows(board, metric, reference)
     board = board.with_columns(pl.lit(metric).alias("metric"), pl.lit(reference).alias("reference"),
                                pl.lit(None, pl.String).alias("citation"))
@@ -130,11 +135,14 @@ def aggregate(trials: pl.DataFrame, metric: str = "mAP", keep_all: bool = False,
 
 
 OPENSET_SUFFIX = f"_{OPENSET_DELTA}"  # columns of the open-set score's own Δ and test
+ROBUST_SUFFIX = "_robust"  # ... and of the relative robustness's
+TEST_COLUMNS = ("delta", "n_pairs", "p", "p_holm", "significant", "test")  # what _add_deltas adds
 BOARD_COLUMNS = [
     "kind", "_scope", "sweep_id", "dataset", "method", "source", "protocol", "n",
     *[f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std")],
-    "metric", "reference", "delta", "n_pairs", "p", "p_holm", "significant", "test",
-    *[f"{c}{OPENSET_SUFFIX}" for c in ("delta", "n_pairs", "p", "p_holm", "significant", "test")],
+    "metric", "reference", *TEST_COLUMNS,
+    *[f"{c}{OPENSET_SUFFIX}" for c in TEST_COLUMNS],
+    f"{ROBUST}_mean", f"{ROBUST}_std", "n_robust", *[f"{c}{ROBUST_SUFFIX}" for c in TEST_COLUMNS],
     "best_config", "trials", "errors", "stopped", "gpu_hours", "images_per_s", "citation", "note",
 ]
 
@@ -144,16 +152,22 @@ def has_openset(board: pl.DataFrame) -> bool:
     return any(board[f"{m}_mean"].drop_nulls().len() for m in OPENSET_METRICS if f"{m}_mean" in board.columns)
 
 
+def has_robustness(board: pl.DataFrame) -> bool:
+    """Whether any row has robustness scores (final runs of a sweep with ``final.robustness``)."""
+    return f"{ROBUST}_mean" in board.columns and board[f"{ROBUST}_mean"].drop_nulls().len() > 0
+
+
 def _add_deltas(board: pl.DataFrame, final: pl.DataFrame, metric: str, key: list[str],
-                suffix: str = "", reference: str = REFERENCE) -> pl.DataFrame:
+                suffix: str = "", reference: str = REFERENCE, column: str | None = None) -> pl.DataFrame:
     """Δ vs CLIP-ReID (pp), the paired bootstrap p and its Holm adjustment per method across datasets,
     as ``delta``, ``p``, ``p_holm``, ``test``... (each with ``suffix``; ``note`` only without one).
+    The final runs' ``column`` (default ``test_<metric>``) against the board's ``<metric>_mean``.
 
     Pairs are the seeds both ran (per-seed mean if a seed appears twice). Δ = mean paired
     difference, tested only with at least MIN_PAIRS pairs (1 to MIN_PAIRS - 1: shown, not tested);
     for an untrained method or without a shared seed, the difference of the means, not tested.
     """
-    col = f"test_{metric}"
+    col = column or f"test_{metric}"
     per_seed = final.filter(pl.col(col).is_not_null() & pl.col(col).is_not_nan()).group_by([*key, "seed"]).agg(pl.col(col).mean().alias("a"))
     ref_label = label_method(reference)
     ref = per_seed.filter(pl.col("method") == reference).select("_scope", "dataset", "seed", pl.col("a").alias("b"))
@@ -243,14 +257,15 @@ def _add_mean_rows(board: pl.DataFrame, metric: str, reference: str = REFERENCE)
     return board.sort("_scope", pl.col("kind") == "mean", "dataset", method_rank(), "method")
 
 
+_TEST_TYPES = (pl.Float64, pl.Int64, pl.Float64, pl.Float64, pl.Boolean, pl.String)  # of TEST_COLUMNS
 BOARD_SCHEMA: dict[str, Any] = {
     "kind": pl.String, "_scope": pl.String, "sweep_id": pl.String, "dataset": pl.String, "method": pl.String,
     "source": pl.String, "protocol": pl.String, "n": pl.Int64,
     **{f"{m}_{s}": pl.Float64 for m in ALL_METRICS for s in ("mean", "std")},
     "metric": pl.String, "reference": pl.String,
-    **{f"{c}{x}": t for x in ("", OPENSET_SUFFIX) for c, t in (
-        ("delta", pl.Float64), ("n_pairs", pl.Int64), ("p", pl.Float64), ("p_holm", pl.Float64),
-        ("significant", pl.Boolean), ("test", pl.String))},
+    **{f"{c}{x}": t for x in ("", OPENSET_SUFFIX) for c, t in zip(TEST_COLUMNS, _TEST_TYPES)},
+    f"{ROBUST}_mean": pl.Float64, f"{ROBUST}_std": pl.Float64, "n_robust": pl.Int64,
+    **{f"{c}{ROBUST_SUFFIX}": t for c, t in zip(TEST_COLUMNS, _TEST_TYPES)},
     "best_config": pl.String, "trials": pl.Int64, "errors": pl.Int64,
     "stopped": pl.Int64, "gpu_hours": pl.Float64, "images_per_s": pl.Float64, "citation": pl.String, "note": pl.String,
 }

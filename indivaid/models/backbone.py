@@ -221,6 +221,47 @@ def hub_weights(repo_id: str, cache_dir: str | None = None) -> Weights:
     raise WeightsError(f"{source}: the repo has none of {', '.join(HUB_WEIGHTS)}")
 
 
+#: The architecture of well-known hub repos, so a sweep can refuse a mismatched pair before any
+#: download (BioCLIP is a ViT-B/16, BioCLIP 2 a ViT-L/14).
+KNOWN_HUB_BACKBONES = {"imageomics/bioclip": "ViT-B-16", "imageomics/bioclip-2": "ViT-L-14"}
+
+
+def weights_mismatch(backbone: str, pretrained: str | None, cache_dir: str | None = None) -> str | None:
+    """Offline, without loading anything: why ``pretrained`` cannot fit ``backbone``, or None.
+
+    Checks an open_clip tag against the backbone's tags, and a hub repo against its known or
+    locally cached architecture. Files and folders are checked when loaded (they may exist only
+    on the nodes that train)."""
+    import open_clip
+
+    if pretrained is None:
+        return None
+    spec = BACKBONES.get(backbone)
+    if pretrained.startswith(HF_HUB_PREFIX):
+        repo = pretrained[len(HF_HUB_PREFIX):].strip("/")
+        known = KNOWN_HUB_BACKBONES.get(repo.lower())
+        if known is not None:
+            return None if known == backbone else f"{pretrained} is a {known}, not a {backbone}: set model.backbone: {known}"
+        config = next((c for c in (_cached_hub_file(repo, HUB_CONFIG, w) for w in _cache_dirs(cache_dir)) if c), None)
+        if config is None:
+            return None  # checked when it is downloaded
+        try:
+            check_architecture(backbone, model_config(spec), _shipped(config, config, pretrained).shipped_config or {},
+                               pretrained)
+        except WeightsError as e:
+            return str(e)
+        return None
+    if pretrained.startswith(LOCAL_DIR_PREFIX) or "/" in pretrained or "\\" in pretrained or "." in pretrained:
+        return None  # a path
+    name = spec.open_clip_name
+    if name is None:
+        return f"backbone {backbone!r} is a random-init test model: it has no weights tags (set model.pretrained: null)"
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        return None
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    return f"{pretrained!r} is not an open_clip weights tag of {name} (tags: {', '.join(tags) or 'none'})"
+
+
 def arch_diffs(ours: dict[str, Any], shipped: dict[str, Any]) -> list[str]:
     """The architecture keys on which a shipped model config differs from ours ("key shipped vs ours")."""
     diffs = []
