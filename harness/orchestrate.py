@@ -19,7 +19,7 @@ import yaml
 
 from harness.checks import gpus_per_trial, validate
 from harness.config import SweepConfig, trial_config
-from harness.plan import Experiment, input_variants, missing_datasets, plan
+from harness.plan import Experiment, input_variants, missing_datasets, plan, search_space
 from harness.progress import SweepProgress, start_board
 from harness.results import FINISHED, TRIALS_FILE, best_search_trials, collect, read_table, write_results
 from harness.telemetry import sweep_metrics
@@ -254,7 +254,8 @@ def run_chain(sweep: SweepConfig, chain: list[tuple[Experiment, int]], resume: b
         if sweep.store.is_file(f"{exp.name}/{FINISHED}"):
             continue
         params = None
-        if exp.phase == "final" and METHODS.get(exp.method).train:
+        if exp.phase == "final" and (METHODS.get(exp.method).train or search_space(sweep, exp.method)):
+            # (zero-shot too when it tried several backbones: its final run uses the best on validation)
             params = final_params(sweep, exp)
             if params is None:
                 log.warning("%s: no search trial finished without error; final phase skipped", exp.name)
