@@ -37,6 +37,8 @@ def test_full_sweep_rehearsal_on_polarbear_and_mpdd(tmp_path: Path):
         for m in ("indivaid", "zeroshot"):
             rows = final.filter((pl.col("dataset") == d) & (pl.col("method") == m))
             assert rows.height == 1 and rows["test_mAP"].is_not_null().all(), (d, m)
+            # full.yaml's final.robustness: scored in a plain trial (MPDD) and on rank 0 of a Ray Train run (PolarBear)
+            assert rows["robust_rel_mAP"].is_not_null().all() and rows["error"].is_null().all(), (d, m)
     trained = t.filter(pl.col("method") != "zeroshot")
     assert (trained["steps_per_epoch"] >= 1).all()  # every DDP rank drew batches
     done = trained.filter(pl.col("status") == "completed")  # the schedules reach their base lr and stay there
