@@ -26,7 +26,7 @@ def test_full_sweep_rehearsal_on_polarbear_and_mpdd(tmp_path: Path):
     f.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "INDIVAID_DATA": str(tmp_path / "data"), "COLUMNS": "250"}
     run = subprocess.run([sys.executable, "-m", "harness.sweep", str(f), "--rehearse", "--only", "mpdd", "polarbear",
-                          "--steps-per-epoch", "1", "--samples", "2", "--seeds", "1", "--first-seeds", "1",
+                          "--steps-per-epoch", "1", "--samples", "1", "--seeds", "1", "--first-seeds", "1",
                           "--gpus", "6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1150)
     assert run.returncode == 0, run.stderr[-4000:]
     storage = tmp_path / "results" / "full-rehearsal"
