@@ -21,7 +21,8 @@ from harness.checks import gpus_per_trial, validate
 from harness.config import SweepConfig, trial_config
 from harness.plan import Experiment, input_variants, missing_datasets, plan, search_space
 from harness.progress import SweepProgress, start_board
-from harness.results import FINISHED, TRIALS_FILE, best_search_trials, collect, read_table, write_results
+from harness.results import FINISHED, TRIALS_FILE, best_search_trials, read_table, write_results
+from harness.rows import collect
 from harness.telemetry import sweep_metrics
 from harness.ui import console
 from indivaid.config import ConfigError, to_dict

@@ -346,7 +346,7 @@ def preflight_sweep(sweep: SweepConfig, steps: int) -> SweepConfig:
 
 def preflight_rows(sweep: SweepConfig, trials: pl.DataFrame) -> list[dict[str, Any]]:
     """Per dataset x method: status, time to first report, stage-2 img/s, peak accelerator memory."""
-    from harness.results import experiments, tune_trials
+    from harness.rows import experiments, tune_trials
 
     store = sweep.store
     reports: dict[str, list[dict[str, Any]]] = {}

@@ -30,8 +30,8 @@ from harness.config import SweepConfig, load_sweep
 from harness.orchestrate import (GpuBudget, SweepInterrupted, cluster_gpus, experiment_complete, init_ray,
                                  run_chain, run_sweep)
 from harness.plan import Experiment, missing_datasets, plan, plan_rows, print_plan, search_space
-from harness.results import (FINISHED, RUN, SCHEMA_VERSION, TRIAL_INFO, best_search_trials, collect, experiments,
-                             read_table, trial_status, write_results)
+from harness.results import FINISHED, RUN, SCHEMA_VERSION, TRIAL_INFO, best_search_trials, read_table, write_results
+from harness.rows import collect, experiments, trial_status
 from harness.ui import console
 from indivaid.config import ConfigError
 from indivaid.data.catalogue import DataError

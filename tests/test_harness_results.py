@@ -16,8 +16,9 @@ from test_harness_sweep import sweep_file
 from harness.config import load_sweep
 from harness.plan import Experiment
 from harness.progress import ProgressBoard, SweepProgress, board_rows, group_counts
-from harness.results import (PARAM_PREFIX, RUN_NUMBERS, SPLIT_METRICS, TIMEOUT_FILE, TRIAL_SCHEMA, collect, conform,
+from harness.results import (PARAM_PREFIX, RUN_NUMBERS, SPLIT_METRICS, TIMEOUT_FILE, TRIAL_SCHEMA, conform,
                              to_table)
+from harness.rows import collect
 
 # ---------------------------------------------------------------------------------------------
 # The schema
@@ -55,7 +56,7 @@ def _trial_folder(exp: Path, name: str, *, result: dict[str, Any] | None, phase:
 
 
 def test_collect_reads_open_set_and_run_numbers_into_their_columns(tmp_path: Path, data_root: Path, monkeypatch):
-    import harness.results as results
+    import harness.rows as rows
 
     sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
     exp = sweep.storage_path / "search-synthetic-clipreid"
@@ -67,10 +68,10 @@ def test_collect_reads_open_set_and_run_numbers_into_their_columns(tmp_path: Pat
     _trial_folder(exp, "failed", result=None)
     (exp / "attempts.json").write_text(json.dumps({"failed": 2}))  # counted by the progress callback
     going = [{"stage": 2, "s2_epoch": 1, "val_mAP": 0.2, "lr": 1e-4, "timestamp": 1003.0}]
-    tune = {"done": results.TuneTrial("TERMINATED", {**history[-1], "timestamp": 1010.0}, history, None),
-            "going": results.TuneTrial("RUNNING", going[-1], going, None),
-            "failed": results.TuneTrial("ERROR", going[-1], going, "TrainingError: stage 2, epoch 1: loss")}
-    monkeypatch.setattr(results, "tune_trials", lambda store, experiment: tune)  # Tune's record, as Ray reads it
+    tune = {"done": rows.TuneTrial("TERMINATED", {**history[-1], "timestamp": 1010.0}, history, None),
+            "going": rows.TuneTrial("RUNNING", going[-1], going, None),
+            "failed": rows.TuneTrial("ERROR", going[-1], going, "TrainingError: stage 2, epoch 1: loss")}
+    monkeypatch.setattr(rows, "tune_trials", lambda store, experiment: tune)  # Tune's record, as Ray reads it
     t = collect(sweep).sort("trial_id")
     assert dict(t.select(list(TRIAL_SCHEMA)).schema) == TRIAL_SCHEMA and t[f"{PARAM_PREFIX}stage2.lr"].to_list() == [1e-4] * 3
     done, failed, going_row = (t.row(i, named=True) for i in range(3))
@@ -90,13 +91,13 @@ def test_collect_reads_robustness_scores_into_their_columns_and_keeps_a_later_er
     """A final run scored by the robustness suite: run/robustness.json's "metrics" become the robust_*
     columns, which are exactly the suite's figures; a run without the file has them null. A run that
     finished and then failed (its scoring) stays completed, with its error beside its numbers."""
-    import harness.results as results
+    import harness.rows as rows
     from indivaid.eval.robustness import NAMES, SEVERITIES, summarize, summary_metrics
 
     cells = {n: [{"rel_mAP": 1.0 - 0.1 * sev - 0.01 * i, "rel_rank1": 1.0 - 0.05 * sev} for sev in SEVERITIES]
              for i, n in enumerate(NAMES)}
     metrics = summary_metrics({"summary": summarize(cells), "clean": {"mAP": 0.4, "rank1": 0.5}})
-    assert tuple(metrics) == results.ROBUST_METRICS  # the listed columns are the suite's figures
+    assert tuple(metrics) == rows.ROBUST_METRICS  # the listed columns are the suite's figures
     sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
     exp = sweep.storage_path / "final-synthetic-clipreid"
     test = {"mAP": 0.4, "rank1": 0.5}
@@ -104,15 +105,15 @@ def test_collect_reads_robustness_scores_into_their_columns_and_keeps_a_later_er
     for name in ("scored", "failed"):
         _trial_folder(exp, name, phase="final", result={"val": {"mAP": 0.3}, "test": test, "history": history})
     (exp / "scored" / "run" / "robustness.json").write_text(json.dumps({"clean": test, "metrics": metrics}))
-    tune = {"scored": results.TuneTrial("TERMINATED", history[-1], history, None),
-            "failed": results.TuneTrial("ERROR", history[-1], history, "RuntimeError: robustness scoring failed")}
-    monkeypatch.setattr(results, "tune_trials", lambda store, experiment: tune)
+    tune = {"scored": rows.TuneTrial("TERMINATED", history[-1], history, None),
+            "failed": rows.TuneTrial("ERROR", history[-1], history, "RuntimeError: robustness scoring failed")}
+    monkeypatch.setattr(rows, "tune_trials", lambda store, experiment: tune)
     failed, scored = (r for r in collect(sweep).sort("trial_id").iter_rows(named=True))
-    assert all(TRIAL_SCHEMA[c] == pl.Float64 for c in results.ROBUST_METRICS)
-    assert {c: scored[c] for c in results.ROBUST_METRICS} == pytest.approx(metrics)
+    assert all(TRIAL_SCHEMA[c] == pl.Float64 for c in rows.ROBUST_METRICS)
+    assert {c: scored[c] for c in rows.ROBUST_METRICS} == pytest.approx(metrics)
     assert scored["robust_rel_mAP"] == pytest.approx(1.0 - 0.2 - 0.045) and scored["robust_clean_mAP"] == 0.4
     assert scored["error"] is None and scored["test_mAP"] == 0.4
-    assert all(failed[c] is None for c in results.ROBUST_METRICS)
+    assert all(failed[c] is None for c in rows.ROBUST_METRICS)
     assert (failed["status"], failed["test_mAP"], failed["error"]) == (
         "completed", 0.4, "RuntimeError: robustness scoring failed")
 
@@ -122,18 +123,18 @@ def test_a_trial_tunes_finished_state_never_recorded_is_lost_not_an_error(tmp_pa
     """A hard kill of the driver can leave a started trial that Tune's saved state never named; the
     resumed search runs that slot again. Once the experiment has finished, that folder is 'lost' (its
     numbers kept), never an error; while it runs, Tune's state may just lag, so it stays 'running'."""
-    import harness.results as results
+    import harness.rows as rows
 
     sweep = load_sweep(sweep_file(tmp_path, data_root, methods=["clipreid"]))
     exp = sweep.storage_path / "search-synthetic-clipreid"
     history = [{"stage": 2, "epoch": 1, "s2_epoch": 1, "val_mAP": 0.3, "lr": 1e-4}]
     _trial_folder(exp, "known", result={"val": {"mAP": 0.3}, "test": None, "wall_s": 5.0, "history": history})
     _trial_folder(exp, "orphan", result=None)
-    tune = {"known": results.TuneTrial("TERMINATED", history[-1], history, None)}
-    monkeypatch.setattr(results, "tune_trials", lambda store, experiment: tune)
+    tune = {"known": rows.TuneTrial("TERMINATED", history[-1], history, None)}
+    monkeypatch.setattr(rows, "tune_trials", lambda store, experiment: tune)
     running = collect(sweep).sort("trial_id")
     assert running["status"].to_list() == ["completed", "running"]
-    (exp / results.FINISHED).touch()
+    (exp / rows.FINISHED).touch()
     t = collect(sweep).sort("trial_id")
     assert t["status"].to_list() == ["completed", "lost"] and t["stop_reason"].to_list() == ["completed", "lost"]
     assert t["error"].is_null().all() and t.filter(pl.col("status") == "error").height == 0
