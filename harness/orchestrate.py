@@ -160,6 +160,10 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
     if started and not resume:
         raise ConfigError(f"{store.uri()} already holds {', '.join(started[:3])}{' …' if len(started) > 3 else ''}: "
                           "continue with --resume, or give the sweep a new name")
+    if resume and todo and all(store.is_file(f"{exp.name}/{FINISHED}") for exp, _ in todo):
+        log.warning("%s: every experiment of the sweep has finished; nothing to run", store.uri())
+        save_results(sweep)  # the results files, as a finished sweep has them (no Ray needed)
+        return store.uri(TRIALS_FILE)
     store.mkdir()
     store.write_text("sweep.yaml", yaml.safe_dump(to_dict(sweep), sort_keys=False))
     if sweep.tracking.mlflow is not None:
