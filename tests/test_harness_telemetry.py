@@ -296,9 +296,12 @@ def test_sweep_metrics_reach_prometheus(watched_sweep: WatchedSweep):
     def counts(result: list[dict]) -> dict[str, int]:
         return {r["metric"]["status"]: int(float(r["value"][1])) for r in result}
 
-    got = counts(wait_for(prom, f"ray_indivaid_sweep_trials{{{sel}}}", lambda r: counts(r) == want))
+    # the last values the sweep published (an instant query misses a series once Prometheus has
+    # marked it stale, e.g. after the exporting worker went away)
+    got = counts(wait_for(prom, f"last_over_time(ray_indivaid_sweep_trials{{{sel}}}[15m])",
+                          lambda r: counts(r) == want))
     assert got == want
-    best = wait_for(prom, f"ray_indivaid_sweep_best_val_map{{{sel}}}", lambda r: bool(r))
+    best = wait_for(prom, f"last_over_time(ray_indivaid_sweep_best_val_map{{{sel}}}[15m])", lambda r: bool(r))
     assert len(best) == 1 and float(best[0]["value"][1]) == pytest.approx(t["best_val_mAP"].max(), abs=1e-6)
     # bounded cardinality: sweep-level series have no per-trial label
     for r in query(prom, '{__name__=~"ray_indivaid_sweep_.*"}'):
