@@ -332,8 +332,11 @@ def test_progress_board_feeds_the_live_table_and_is_made_again_when_lost(ray_loc
     while "1/3 trials finished" not in (text := render()) and time.time() < deadline:
         time.sleep(0.2)
     assert "1/3 trials finished" in text and "25.0" in text, text
-    ray.kill(board, no_restart=True)
-    assert "live progress stale" in render()
+    ray.kill(board, no_restart=True)  # asynchronous: the board answers until the kill takes effect
+    deadline = time.time() + 30
+    while "live progress stale" not in (text := render()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert "live progress stale" in text and "1/3 trials finished" in text, text  # the last snapshot is kept
     cb.on_trial_complete(0, trials, trials[1])  # the board is gone: skipped, no error
     progress.record_results(to_table([{"trial_id": "a", "dataset": "synthetic", "method": "clipreid",
                                        "phase": "search", "status": "completed", "attempts": 1, "best_val_mAP": 0.5}]))
