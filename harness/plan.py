@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-from harness.config import ResourcesConfig, SweepConfig, applies, trial_config
+from harness.config import ParamSpec, ResourcesConfig, SweepConfig, applies, trial_config
 from harness.ui import console
 from indivaid.data.adapters import make_adapter
 from indivaid.methods import METHODS
@@ -96,13 +96,17 @@ def search_trials(sweep: SweepConfig, method: str) -> int:
 INPUT_SECTIONS = ("model", "data", "augment")
 
 
+def input_dimensions(sweep: SweepConfig) -> dict[str, ParamSpec]:
+    """The searched discrete keys that change the frozen features' inputs (a backbone, its
+    weights, the input size): what warms caches, sizes trials and what a preflight runs each of."""
+    return {k: p for k, p in sweep.search_space.items() if p.discrete and k.split(".")[0] in INPUT_SECTIONS}
+
+
 def input_variants(sweep: SweepConfig, method: str) -> list[dict[str, Any]]:
-    """One params dict per combination of the searched discrete values that change the frozen
-    features' inputs (a backbone, its weights, the input size); ``[{}]`` when none is searched.
-    Used to warm every cache a search will read, size its trials and preflight each backbone."""
+    """One params dict per combination of :func:`input_dimensions` values that apply to
+    ``method``; ``[{}]`` when none is searched."""
     spec = METHODS.get(method)
-    keys = {k: p.labels() for k, p in sweep.search_space.items()
-            if p.discrete and k.split(".")[0] in INPUT_SECTIONS and applies(k, spec)}
+    keys = {k: p.labels() for k, p in input_dimensions(sweep).items() if applies(k, spec)}
     return [dict(zip(keys, combo)) for combo in itertools.product(*keys.values())]
 
 

@@ -29,7 +29,7 @@ import polars as pl
 
 from harness.checks import asha_rungs, gpus_per_trial
 from harness.config import ParamSpec, SweepConfig, trial_config
-from harness.plan import INPUT_SECTIONS
+from harness.plan import input_dimensions
 from harness.results import PARAM_PREFIX, read_table
 from harness.storage import sibling
 from indivaid.config import ConfigError
@@ -334,8 +334,7 @@ def preflight_sweep(sweep: SweepConfig, steps: int) -> SweepConfig:
              "eval": {"every": 1}, "runtime": {"max_steps_per_epoch": steps}, "checkpoint": {"every": 0}}
     storage = sibling(sweep.storage, f"{sweep.name}-preflight") if sweep.storage else f"results/{sweep.name}-preflight"
     # every searched backbone / weights / input size once (a grid); nothing else is searched
-    grid = {k: ParamSpec("grid", values=p.values) for k, p in sweep.search_space.items()
-            if p.discrete and k.split(".")[0] in INPUT_SECTIONS}
+    grid = {k: ParamSpec("grid", values=p.values) for k, p in input_dimensions(sweep).items()}
     return dataclasses.replace(
         sweep, name=f"{sweep.name}-preflight", storage=storage, base=merge(sweep.base, quick), search_space=grid,
         scheduler=dataclasses.replace(sweep.scheduler, kind="none"), final=dataclasses.replace(sweep.final, seeds=0,

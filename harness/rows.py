@@ -168,6 +168,8 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
     # from the first start to the last report (retries included); the trainer's own clock otherwise
     wall = max(float(result.get("wall_s") or 0.0), progress.get("timestamp", info["started"]) - info["started"], 0.0)
     split = _split_info(store, f"{rel}/{RUN}/split.csv", files.get(f"{RUN}/split.csv"))
+    # a finished run's history is in its result.json; an unfinished one's (ASHA-stopped, failed) in Tune's
+    history = result.get("history") or (tune.history if tune is not None else [])
     starts = len((store.read_text(f"{rel}/{STARTS_FILE}") or "").splitlines()) if STARTS_FILE in files else 0
     row: dict[str, Any] = {
         "sweep_id": sweep.name, "dataset": info["dataset"], "method": info["method"], "phase": info["phase"],
@@ -188,15 +190,13 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
         "checkpoint_path": store.uri(rel, RUN, "model.pt") if f"{RUN}/model.pt" in files else None,
         "rehearsal": sweep.rehearsal,
         **_checkpoint_bytes(store, rel, files),
-        **_schedule_reached(result.get("history") or (tune.history if tune is not None else []), cfg.stage2.lr),
+        **_schedule_reached(history, cfg.stage2.lr),
         **{col: _lookup(result, key) for col, key in RUN_NUMBERS.items()},
         **_split_metrics(result, progress),
         **{col: (robust.get("metrics") or {}).get(col) for col in ROBUST_METRICS},
     }
     for k, v in info["params"].items():
         row[f"{PARAM_PREFIX}{k}"] = v
-    # a finished run's history is in its result.json; an unfinished one's (ASHA-stopped, failed) in Tune's
-    history = result.get("history") or (tune.history if tune is not None else [])
     row["best_val_mAP"] = _best_val(history, (result.get("val") or {}).get("mAP"), row["val_mAP"] if result else None,
                                     cfg.eval.every, cfg.stage2.epochs)
     return row

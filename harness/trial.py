@@ -28,8 +28,8 @@ import ray
 from ray import tune
 
 from harness.config import SweepConfig, trial_config
-from harness.results import (REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, ROBUSTNESS_FILE, RUN,
-                             RUN_FILES, STARTS_FILE, TIMEOUT_FILE, TRIAL_INFO, finite, measured_val)
+from harness.results import (REPORT_BEST_VAL_MAP, REPORT_RUN_FINISHED, REPORT_VAL_MAP, ROBUST_REL_MAP, ROBUSTNESS_FILE,
+                             RUN, RUN_FILES, STARTS_FILE, TIMEOUT_FILE, TRIAL_INFO, finite, measured_val)
 from harness.storage import Storage, open_storage
 from harness.telemetry import TrialMetrics
 from indivaid.config import from_dict
@@ -223,7 +223,7 @@ def score_robustness(files: RunFiles, seed: int) -> None:
     write_report(result, workdir)
     files.sync()
     log.info("robustness of %s scored in %.0f s: relative mAP %.3f", store.uri(folder), time.perf_counter() - started,
-             result["metrics"]["robust_rel_mAP"])
+             result["metrics"][ROBUST_REL_MAP])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -311,6 +311,11 @@ def render_json(table: pl.DataFrame) -> str:
     return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
 
 
+def _html_list(lines: list[str]) -> str:
+    """Legend lines (markdown) as an HTML list, code marks dropped."""
+    return "<ul>" + "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in lines) + "</ul>"
+
+
 def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, sweeps: pl.DataFrame | None = None,
                 plots: dict[str, bytes] | None = None, with_sweep: bool = False) -> str:
     """One self-contained HTML file: table, legend, published rows, plots as base64 data URIs."""
@@ -338,11 +343,10 @@ def render_html(board: pl.DataFrame, published: pl.DataFrame | None = None, swee
     if line:
         parts.append(f"<p>{html.escape(line.replace('`', ''))}</p>")
     parts.append(table(header, rows, classes))
-    items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in legend_lines(metric, has_openset(board), ref_label(board)))
-    parts.append(f"<ul>{items}</ul>")
+    parts.append(_html_list(legend_lines(metric, has_openset(board), ref_label(board))))
     if has_robustness(board):
-        items = "".join(f"<li>{html.escape(x.replace('`', ''))}</li>" for x in robustness_legend(ref_label(board)))
-        parts += [f"<h2>{ROBUSTNESS_TITLE}</h2>", table(*robustness_rows(board, with_sweep)), f"<ul>{items}</ul>"]
+        parts += [f"<h2>{ROBUSTNESS_TITLE}</h2>", table(*robustness_rows(board, with_sweep)),
+                  _html_list(robustness_legend(ref_label(board)))]
     if published is not None and published.height:
         parts += ["<h2>Published numbers (context, not like-for-like)</h2>", table(*published_display_rows(published))]
     if plots:

@@ -173,14 +173,20 @@ def _cached_hub_file(repo_id: str, filename: str, cache_dir: str | None) -> Path
         return None
 
 
-def _shipped(config_file: Path, weights: Path, source: str) -> Weights:
-    """Weights plus the ``model_cfg`` of an ``open_clip_config.json`` (QuickGELU as it says)."""
+def _model_cfg(config_file: Path, source: str) -> dict[str, Any]:
+    """The ``model_cfg`` of an ``open_clip_config.json``."""
     try:
         model_cfg = json.loads(config_file.read_text()).get("model_cfg")
     except (OSError, ValueError) as e:
         raise WeightsError(f"{source}: cannot read {config_file.name} ({e})") from None
     if not isinstance(model_cfg, dict):
         raise WeightsError(f"{source}: {config_file.name} has no model_cfg; is it an open_clip model?")
+    return model_cfg
+
+
+def _shipped(config_file: Path, weights: Path, source: str) -> Weights:
+    """Weights plus the ``model_cfg`` of an ``open_clip_config.json`` (QuickGELU as it says)."""
+    model_cfg = _model_cfg(config_file, source)
     return Weights(weights, bool(model_cfg.get("quick_gelu", False)), model_cfg)
 
 
@@ -246,8 +252,7 @@ def weights_mismatch(backbone: str, pretrained: str | None, cache_dir: str | Non
         if config is None:
             return None  # checked when it is downloaded
         try:
-            check_architecture(backbone, model_config(spec), _shipped(config, config, pretrained).shipped_config or {},
-                               pretrained)
+            check_architecture(backbone, model_config(spec), _model_cfg(config, pretrained), pretrained)
         except WeightsError as e:
             return str(e)
         return None
