@@ -44,9 +44,9 @@ def asha_rungs(grace: int, factor: int, max_t: int) -> list[int]:
     return rungs
 
 
-def gpus_per_trial(sweep: SweepConfig, dataset: str) -> float:
-    """GPUs one trial of ``dataset`` holds: its own, or each of its Ray Train workers'."""
-    res = sweep.resources_for(dataset)
+def gpus_per_trial(sweep: SweepConfig, dataset: str, method: str | None = None) -> float:
+    """GPUs one trial of ``dataset`` (and ``method``) holds: its own, or each of its Ray Train workers'."""
+    res = sweep.resources_for(dataset, method)
     return res.gpus * max(1, res.workers)
 
 

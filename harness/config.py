@@ -7,7 +7,7 @@ key's path and a did-you-mean, if a path or a range is wrong, so nothing starts 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -247,15 +247,22 @@ class SweepConfig:
                              f"({', '.join(sampled)}): Optuna samples, it does not enumerate. Make the grid a "
                              f"choice (searched by TPE), or run one sweep per grid value")
 
-    def resources_for(self, dataset: str) -> ResourcesConfig:
-        """The trial resources of one dataset: ``resources`` with its ``dataset_resources`` entry on top."""
+    def resources_for(self, dataset: str, method: str | None = None) -> ResourcesConfig:
+        """The trial resources of one dataset: ``resources`` with its ``dataset_resources`` entry on top.
+
+        With ``method``: a method that does not train (zero-shot) runs as one worker, since it only
+        evaluates and evaluation runs on rank 0: more DDP workers would hold GPUs and do nothing.
+        Without it: what the dataset's trained methods get (the most a trial of it can hold)."""
+        res = self.resources
         over = self.dataset_resources.get(dataset)
-        if not over:
-            return self.resources
-        try:
-            return from_dict(ResourcesConfig, {**to_dict(self.resources), **over})
-        except ConfigError as e:
-            raise ValueError(f"dataset_resources.{dataset}.{e}") from None
+        if over:
+            try:
+                res = from_dict(ResourcesConfig, {**to_dict(self.resources), **over})
+            except ConfigError as e:
+                raise ValueError(f"dataset_resources.{dataset}.{e}") from None
+        if method is not None and res.workers > 1 and not METHODS.get(method).train:
+            res = replace(res, workers=1)
+        return res
 
     @property
     def storage_uri(self) -> str:

@@ -187,7 +187,7 @@ def run_sweep(sweep: SweepConfig, *, address: str | None = None, resume: bool = 
         try:
             if sweep.search.max_concurrent_experiments <= 1 or len(chains) <= 1:
                 for chain in chains.values():
-                    run_chain(sweep, chain, resume, budget.trials(sweep, chain[0][0].dataset))
+                    run_chain(sweep, chain, resume, budget.trials(sweep, chain[0][0].dataset, chain[0][0].method))
                     save_results(sweep, progress)
             else:
                 run_chains_concurrently(sweep, list(chains.values()), resume, budget, progress)
@@ -288,15 +288,15 @@ class GpuBudget:
     cluster_gpus: float
     chains_at_once: int = 1
 
-    def trials(self, sweep: SweepConfig, dataset: str) -> int:
-        need = gpus_per_trial(sweep, dataset)
+    def trials(self, sweep: SweepConfig, dataset: str, method: str) -> int:
+        need = gpus_per_trial(sweep, dataset, method)
         if not need or not self.cluster_gpus:
             return sweep.search.max_concurrent
         share = self.cluster_gpus / max(1, self.chains_at_once)
         return max(1, min(sweep.search.max_concurrent, int(share // need)))
 
-    def demand(self, sweep: SweepConfig, dataset: str) -> float:
-        return gpus_per_trial(sweep, dataset) * self.trials(sweep, dataset)
+    def demand(self, sweep: SweepConfig, dataset: str, method: str) -> float:
+        return gpus_per_trial(sweep, dataset, method) * self.trials(sweep, dataset, method)
 
 
 def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experiment, int]]], resume: bool,
@@ -318,18 +318,18 @@ def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experime
     in_use = 0.0
     while queue or pending:
         while queue and len(pending) < sweep.search.max_concurrent_experiments:
-            d = queue[0][0][0].dataset
-            need = budget.demand(sweep, d)
+            d, m = queue[0][0][0].dataset, queue[0][0][0].method
+            need = budget.demand(sweep, d, m)
             if pending and in_use + need > budget.cluster_gpus:
                 break
             chain = queue.pop(0)
             in_use += need
             pending[task.options(name=f"tune-{d}-{chain[0][0].method}", **placement).remote(
-                to_dict(sweep), chain, resume, budget.trials(sweep, d))] = chain
+                to_dict(sweep), chain, resume, budget.trials(sweep, d, m))] = chain
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             chain = pending.pop(ref)
-            in_use -= budget.demand(sweep, chain[0][0].dataset)
+            in_use -= budget.demand(sweep, chain[0][0].dataset, chain[0][0].method)
             save_results(sweep, progress)
             try:
                 ray.get(ref)

@@ -144,7 +144,7 @@ def plan_rows(sweep: SweepConfig) -> list[PlanRow]:
         trains = METHODS.get(exp.method).train
         keys = ", ".join(search_space(sweep, exp.method)) if exp.phase == "search" else ("best config" if trains else "")
         rows.append(PlanRow(exp, n, keys or "-", f"{c.train}/{c.val}/{c.test} ({c.source})" if c else "not present",
-                            describe_resources(sweep.resources_for(exp.dataset)),
+                            describe_resources(sweep.resources_for(exp.dataset, exp.method)),
                             per * n / 3600 if per is not None else None))
     return rows
 

@@ -211,7 +211,7 @@ def peak_gpu_demand(trials: pl.DataFrame, sweep: SweepConfig) -> float:
     """The most GPUs that trials held at once (from their start and wall-clock times)."""
     events = []
     for r in trials.iter_rows(named=True):
-        need = gpus_per_trial(sweep, r["dataset"])
+        need = gpus_per_trial(sweep, r["dataset"], r["method"])
         if need and r["created_at"] is not None:
             events += [(r["created_at"], need), (r["created_at"] + (r["wall_s"] or 0.0), -need)]
     peak = level = 0.0

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"  # the trainer's resumable state in its workdir
 #: What a Ray checkpoint holds besides the state: the files a resumed run expects beside it.
 CHECKPOINT_COMPANIONS = ("config.json", "split.csv", "checkpoints.jsonl")
+THREAD_EXIT_TIMEOUT_S = 120  # Tune's default (2 s) is shorter than a sync to object storage can take
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,30 +155,76 @@ class TrialTimeout(RuntimeError):
     """The trial ran past the sweep's ``trial_timeout_minutes``."""
 
 
-def start_watchdog(store: Storage, folder: str, minutes: float | None, started: float) -> None:
-    """Stop this trial once it has run ``minutes`` since its first start (retries included).
+class Watchdog:
+    """Stops the trial once it has run ``minutes`` since its first start (retries included).
 
     A hung trial (a stuck collective, a placement group that never comes) reports nothing, so no
     scheduler decision can stop it. A daemon timer records ``timeout.json`` and ends the trial's
     process; Ray then releases its resources, and a restart of a timed-out trial fails at once.
-    """
-    if minutes is None:
-        return
-    marker = f"{folder}/{TIMEOUT_FILE}"
-    if store.is_file(marker):
-        raise TrialTimeout(f"stopped after the sweep's trial_timeout_minutes ({minutes:g}); see {store.uri(marker)}")
-    limit = started + 60 * minutes
 
-    def fire() -> None:
+    Tune reuses a trial's process for the next trial (``reuse_actors``), so the timer must not
+    outlive its trial: ``cancel`` it when the trial function ends. A trial that ASHA stops stays
+    blocked in ``tune.report`` until Tune hands its process to the next trial; time spent ``waiting``
+    there is Tune's, so the timer never fires during it (it checks again a little later).
+    """
+
+    RECHECK_S = 5.0
+
+    def __init__(self, store: Storage, folder: str, minutes: float | None, started: float) -> None:
+        self.store, self.folder, self.minutes = store, folder, minutes
+        self.limit = started + 60 * (minutes or 0)
+        self.marker = f"{folder}/{TIMEOUT_FILE}"
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._timer: threading.Timer | None = None
+        self._cancelled = False
+
+    def start(self) -> Watchdog:
+        """Arm the timer, or fail at once if an earlier start of this trial already timed out."""
+        if self.minutes is None:
+            return self
+        if self.store.is_file(self.marker):
+            raise TrialTimeout(f"stopped after the sweep's trial_timeout_minutes ({self.minutes:g}); "
+                               f"see {self.store.uri(self.marker)}")
+        self._arm(self.limit - time.time())
+        return self
+
+    def _arm(self, delay: float) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._timer = threading.Timer(max(0.0, delay), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            defer = self._cancelled or self._waiting > 0
+        if defer:
+            self._arm(self.RECHECK_S)  # a no-op once cancelled
+            return
         try:
-            store.write_json(marker, {"limit_minutes": minutes, "time": time.time()})
+            self.store.write_json(self.marker, {"limit_minutes": self.minutes, "time": time.time()})
         finally:
-            log.error("trial ran past trial_timeout_minutes=%g: stopping it", minutes)
+            log.error("trial ran past trial_timeout_minutes=%g: stopping it", self.minutes)
             os._exit(3)  # the training thread may be stuck in native code: only the process can end it
 
-    timer = threading.Timer(max(0.0, limit - time.time()), fire)
-    timer.daemon = True
-    timer.start()
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around ``tune.report``: Tune, not the trial, decides how long it blocks."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 class ReportProgress:
@@ -235,6 +282,9 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
               experiment: str) -> None:
     """Tune function trainable: trains in the trial process (``workers`` 0 or 1) and reports every
     epoch, or drives a Ray Train run (``workers > 1``). ``experiment``: the experiment's folder name."""
+    # Tune hands this process to the next trial (reuse_actors) once this one ends or is stopped, and
+    # waits this long for a stopped trial's thread to unwind (it syncs its files on the way out).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(THREAD_EXIT_TIMEOUT_S))
     ctx = tune.get_context()
     cfg_sweep = from_dict(SweepConfig, sweep)
     store = cfg_sweep.store
@@ -242,9 +292,20 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
     info = record_start(store, folder, {
         "trial_id": ctx.get_trial_id(), "dataset": dataset, "method": method, "phase": phase, "seed": seed,
         "params": params, "node_id": ray.get_runtime_context().get_node_id(), "started": time.time()})
-    start_watchdog(store, folder, cfg_sweep.trial_timeout_minutes, info["started"])
+    watchdog = Watchdog(store, folder, cfg_sweep.trial_timeout_minutes, info["started"]).start()
+    try:
+        _run(params, cfg_sweep, dataset, method, phase, seed, folder, watchdog)
+    finally:
+        watchdog.cancel()
+
+
+def _run(params: dict[str, Any], cfg_sweep: SweepConfig, dataset: str, method: str, phase: str, seed: int,
+         folder: str, watchdog: Watchdog) -> None:
+    """The trial's work once it is recorded and its time limit armed."""
+    ctx = tune.get_context()
+    store = cfg_sweep.store
     cfg = trial_config(cfg_sweep, dataset, method, params, seed, final=(phase == "final"))
-    if cfg_sweep.resources_for(dataset).workers > 1:
+    if cfg_sweep.resources_for(dataset, method).workers > 1:
         _fit_with_ray_train(cfg, cfg_sweep, folder, ctx.get_trial_id(), ctx.get_trial_name(), phase == "final")
         return
 
@@ -258,11 +319,12 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any], dataset: str, me
         telemetry.record(metrics)
         files.sync()  # before Tune hears of the epoch: a scheduler may stop the trial at this report
         row = progress.row(metrics)
-        if checkpoint:
-            with ray_checkpoint(Path(checkpoint)) as ckpt:
-                tune.report(row, checkpoint=ckpt)
-        else:
-            tune.report(row)
+        with watchdog.waiting():
+            if checkpoint:
+                with ray_checkpoint(Path(checkpoint)) as ckpt:
+                    tune.report(row, checkpoint=ckpt)
+            else:
+                tune.report(row)
 
     try:
         # The trainer writes result.json and model.pt before its last report, so a trial that ASHA
@@ -345,7 +407,7 @@ def _fit_with_ray_train(cfg, sweep: SweepConfig, folder: str, trial_id: str, tri
 
     from indivaid.config import to_dict
 
-    res = sweep.resources_for(cfg.data.dataset)
+    res = sweep.resources_for(cfg.data.dataset, cfg.method)
     store = sweep.store
     trainer = TorchTrainer(
         _worker_loop,

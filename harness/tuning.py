@@ -173,7 +173,7 @@ def trial_resources(sweep: SweepConfig, exp: Experiment) -> dict[str, float]:
     no CPU and is pinned where coordinators run (harness.placement)."""
     from harness.placement import coordinator_resources
 
-    res = sweep.resources_for(exp.dataset)
+    res = sweep.resources_for(exp.dataset, exp.method)
     if res.workers <= 1:
         return {"cpu": res.cpus, "gpu": res.gpus, **res.custom}
     return {"cpu": 0, **coordinator_resources(sweep)}
@@ -213,7 +213,11 @@ def tune_settings(sweep: SweepConfig, exp: Experiment, n: int, cap: int, space: 
     """TuneConfig's arguments: Optuna (+ ASHA) for a search with something to sample, else a plain
     run of ``n`` trials (the final phase's seeds, or a grid's values) at most ``cap`` at once."""
     metric = sweep.search.metric
-    out: dict[str, Any] = {"num_samples": n if exp.phase == "search" else 1, "metric": metric, "mode": "max"}
+    out: dict[str, Any] = {"num_samples": n if exp.phase == "search" else 1, "metric": metric, "mode": "max",
+                           # A trial that trains in its own process hands that process to the next trial:
+                           # it has imported torch and open_clip already (seconds per trial). A Ray Train
+                           # trial's process only drives its workers, and a stopped run must release them.
+                           "reuse_actors": sweep.resources_for(exp.dataset, exp.method).workers <= 1}
     if exp.phase != "search" or not space:
         return {**out, "max_concurrent_trials": cap}
     if grid_size(space) is not None:  # every value runs once (Tune's grid), nothing is sampled

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.checks import asha_rungs, check_sweep
+from harness.checks import asha_rungs, check_sweep, gpus_per_trial
 from harness.config import load_sweep, trial_config
 from harness.orchestrate import GpuBudget
 from harness.sweep import main
@@ -87,20 +87,31 @@ def test_half_gpu_trials_pack_two_to_a_gpu():
     sweep = dataclasses.replace(sweep, dataset_resources={**sweep.dataset_resources, "stoat": {"gpus": 0.5, "cpus": 4}})
     assert not [p for p in check_sweep(sweep, cluster_gpus=1) if p.dataset == "stoat"]  # half a GPU fits one
     budget = GpuBudget(cluster_gpus=4, chains_at_once=1)
-    assert budget.trials(sweep, "stoat") == 8 and budget.demand(sweep, "stoat") == 4  # 8 trials on 4 GPUs
-    assert budget.trials(sweep, "atrw") == 4
+    assert budget.trials(sweep, "stoat", "indivaid") == 8 and budget.demand(sweep, "stoat", "indivaid") == 4  # 8 on 4 GPUs
+    assert budget.trials(sweep, "atrw", "indivaid") == 4
 
 
 def test_asha_rungs_and_the_gpu_budget():
     assert asha_rungs(10, 3, 31) == [10, 30] and asha_rungs(4, 2, 21) == [4, 8, 16] and asha_rungs(10, 3, 10) == []
     sweep = load_sweep(ROOT / "sweeps" / "full.yaml")  # 8 trials at once per search, 6 searches side by side
     budget = GpuBudget(cluster_gpus=8, chains_at_once=6)
-    assert budget.trials(sweep, "atrw") == 1 and budget.demand(sweep, "atrw") == 1
-    assert budget.trials(sweep, "polarbear") == 1 and budget.demand(sweep, "polarbear") == 4  # a 4-GPU gang
+    assert budget.trials(sweep, "atrw", "clipreid") == 1 and budget.demand(sweep, "atrw", "clipreid") == 1
+    assert budget.trials(sweep, "polarbear", "indivaid") == 1 and budget.demand(sweep, "polarbear", "indivaid") == 4  # a gang
     alone = GpuBudget(cluster_gpus=16, chains_at_once=1)
-    assert alone.trials(sweep, "atrw") == 8 and alone.trials(sweep, "polarbear") == 4
+    assert alone.trials(sweep, "atrw", "indivaid") == 8 and alone.trials(sweep, "polarbear", "indivaid") == 4
     cpu = load_sweep(ROOT / "sweeps" / "smoke.yaml")
-    assert GpuBudget(cluster_gpus=0, chains_at_once=3).trials(cpu, "synthetic") == cpu.search.max_concurrent
+    assert GpuBudget(cluster_gpus=0, chains_at_once=3).trials(cpu, "synthetic", "indivaid") == cpu.search.max_concurrent
+
+
+def test_a_method_that_does_not_train_runs_as_one_worker():
+    """Zero-shot only evaluates, and evaluation runs on rank 0: PolarBear's 4 DDP workers would hold
+    3 GPUs that do nothing. It runs as one plain trial on one GPU instead."""
+    sweep = load_sweep(ROOT / "sweeps" / "full.yaml")
+    assert sweep.resources_for("polarbear").workers == 4 == sweep.resources_for("polarbear", "indivaid").workers
+    zs = sweep.resources_for("polarbear", "zeroshot")
+    assert zs.workers == 1 and zs.gpus == sweep.resources_for("polarbear").gpus == 1
+    assert gpus_per_trial(sweep, "polarbear", "zeroshot") == 1 and gpus_per_trial(sweep, "polarbear") == 4
+    assert GpuBudget(cluster_gpus=16, chains_at_once=1).trials(sweep, "polarbear", "zeroshot") == 8
 
 
 def test_checkpoint_policy_skips_short_runs_and_spaces_long_ones():

@@ -15,6 +15,7 @@ from conftest import SMALL
 
 from harness.config import load_sweep
 from harness.orchestrate import run_sweep
+from harness.results import STARTS_FILE
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,11 @@ def test_smoke_sweep_end_to_end(ray_local, data_root: Path, tmp_path: Path):
     assert search.filter(pl.col("method") == "clipreid").height == 3
     assert set(search["stop_reason"]) <= {"completed", "asha_stopped"}
     assert (search["stop_reason"] == "completed").sum() >= 2
+    for m in ("indivaid", "clipreid"):  # one after the other, in one process that Tune hands on
+        trials = search.filter(pl.col("method") == m)["config_path"].to_list()
+        pids = {json.loads(line)["pid"] for p in trials
+                for line in (Path(p).parent.parent / STARTS_FILE).read_text().splitlines()}
+        assert len(pids) < len(trials), (m, pids)
     for m in ("indivaid", "clipreid"):
         assert_asha_rule(sweep.storage_path, m, rungs=(1, 2, 4), t=search.filter(pl.col("method") == m))
     assert search.filter(pl.col("method") == "clipreid")["param.fusion.heads"].is_null().all()  # dropped for it

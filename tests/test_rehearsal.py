@@ -45,8 +45,12 @@ def test_full_sweep_rehearsal_on_polarbear_and_mpdd(tmp_path: Path):
     assert (done["lr_peak_factor"] - 1).abs().max() < 1e-6 and (done["epochs_at_base_lr"] >= 5).all()
     assert (trained["ckpt_saves"] == 0).all()  # short runs on an H200: no mid-run checkpoints
     assert not list(storage.glob("*/*/run/checkpoint.pt"))
-    # PolarBear trials ran as 4-worker Ray Train runs, the others as plain trials
+    # PolarBear's trained trials ran as 4-worker Ray Train runs, the others as plain trials; zero-shot
+    # only evaluates (on rank 0), so it ran as one plain trial on one GPU
     assert list(storage.glob("search-polarbear-indivaid/*/ray_train")) and not list(storage.glob("search-mpdd-*/*/ray_train"))
+    assert not list(storage.glob("*-polarbear-zeroshot/*/ray_train"))
+    zs = t.filter((pl.col("dataset") == "polarbear") & (pl.col("method") == "zeroshot"))
+    assert (zs["gpu_s"] == zs["wall_s"]).all()  # one GPU held
     manifest = json.loads((storage / "manifest.json").read_text())
     assert manifest["rehearsal"] is True
     report = (storage / "rehearsal.md").read_text()

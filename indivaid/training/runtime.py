@@ -66,10 +66,12 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed every generator and set the determinism switches both ways: one process may run several
+    runs in turn (a sweep hands a trial's process to the next trial), and none may inherit another's."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = False
