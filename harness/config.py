@@ -135,6 +135,11 @@ class ResourcesConfig:
     workers: int = field(default=0, metadata={"ge": 0})  # 0 or 1: train inside the trial; >= 2: Ray Train (DDP)
     use_gpu: bool = False
 
+    @property
+    def ray_train(self) -> bool:
+        """The trial drives a Ray Train run (DDP workers hold the resources) instead of training itself."""
+        return self.workers > 1
+
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
@@ -260,7 +265,7 @@ class SweepConfig:
                 res = from_dict(ResourcesConfig, {**to_dict(self.resources), **over})
             except ConfigError as e:
                 raise ValueError(f"dataset_resources.{dataset}.{e}") from None
-        if method is not None and res.workers > 1 and not METHODS.get(method).train:
+        if method is not None and res.ray_train and not METHODS.get(method).train:
             res = replace(res, workers=1)
         return res
 

@@ -324,7 +324,7 @@ def run_chains_concurrently(sweep: SweepConfig, chains: list[list[tuple[Experime
                 break
             chain = queue.pop(0)
             in_use += need
-            pending[task.options(name=f"tune-{d}-{chain[0][0].method}", **placement).remote(
+            pending[task.options(name=f"tune-{d}-{m}", **placement).remote(
                 to_dict(sweep), chain, resume, budget.trials(sweep, d, m))] = chain
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:

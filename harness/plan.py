@@ -183,6 +183,6 @@ def print_plan(sweep: SweepConfig) -> None:
 def describe_resources(res: ResourcesConfig) -> str:
     """'1 CPU, 0.5 GPU' per trial, per worker under Ray Train, with custom resources."""
     per = f"{res.cpus:g} CPU, {res.gpus:g} GPU"
-    if res.workers > 1:
+    if res.ray_train:
         per = f"{res.workers} workers x ({per})"
     return per + "".join(f", {v:g} {k}" for k, v in res.custom.items())

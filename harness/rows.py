@@ -180,7 +180,7 @@ def trial_row(sweep: SweepConfig, rel: str, info: Mapping[str, Any], tune: TuneT
         "epochs_run": int(progress.get(REPORT_S2_EPOCH, 0) or 0),
         "attempts": max(1, attempts or starts),
         "wall_s": wall,
-        "gpu_s": wall * gpus_held(sweep.resources_for(info["dataset"], info.get("method"))),
+        "gpu_s": wall * gpus_held(sweep.resources_for(info["dataset"], info["method"])),
         # a run that finished and then failed (its robustness scoring, storing its files) stays completed,
         # its error beside its numbers
         "error": tune.error if tune is not None and (status in ("error", "timeout") or tune.status == "ERROR")

@@ -171,7 +171,7 @@ class Watchdog:
     RECHECK_S = 5.0
 
     def __init__(self, store: Storage, folder: str, minutes: float | None, started: float) -> None:
-        self.store, self.folder, self.minutes = store, folder, minutes
+        self.store, self.minutes = store, minutes
         self.limit = started + 60 * (minutes or 0)
         self.marker = f"{folder}/{TIMEOUT_FILE}"
         self._lock = threading.Lock()
@@ -305,7 +305,7 @@ def _run(params: dict[str, Any], cfg_sweep: SweepConfig, dataset: str, method: s
     ctx = tune.get_context()
     store = cfg_sweep.store
     cfg = trial_config(cfg_sweep, dataset, method, params, seed, final=(phase == "final"))
-    if cfg_sweep.resources_for(dataset, method).workers > 1:
+    if cfg_sweep.resources_for(dataset, method).ray_train:
         _fit_with_ray_train(cfg, cfg_sweep, folder, ctx.get_trial_id(), ctx.get_trial_name(), phase == "final")
         return
 

@@ -174,7 +174,7 @@ def trial_resources(sweep: SweepConfig, exp: Experiment) -> dict[str, float]:
     from harness.placement import coordinator_resources
 
     res = sweep.resources_for(exp.dataset, exp.method)
-    if res.workers <= 1:
+    if not res.ray_train:
         return {"cpu": res.cpus, "gpu": res.gpus, **res.custom}
     return {"cpu": 0, **coordinator_resources(sweep)}
 
@@ -217,7 +217,7 @@ def tune_settings(sweep: SweepConfig, exp: Experiment, n: int, cap: int, space: 
                            # A trial that trains in its own process hands that process to the next trial:
                            # it has imported torch and open_clip already (seconds per trial). A Ray Train
                            # trial's process only drives its workers, and a stopped run must release them.
-                           "reuse_actors": sweep.resources_for(exp.dataset, exp.method).workers <= 1}
+                           "reuse_actors": not sweep.resources_for(exp.dataset, exp.method).ray_train}
     if exp.phase != "search" or not space:
         return {**out, "max_concurrent_trials": cap}
     if grid_size(space) is not None:  # every value runs once (Tune's grid), nothing is sampled
