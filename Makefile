@@ -1,6 +1,6 @@
 # Two commands do all setup on a fresh machine with only Python:
 #   make demo   -- create .venv, install, run the smoke sweep (Ray Tune + Optuna + ASHA on synthetic data, tiny
-#                  model, CPU; ~5 min on 2 cores) and print its leaderboard (results/leaderboard.md, plots)
+#                  model, CPU; ~2.5 min on 2 cores) and print its leaderboard (results/leaderboard.md, plots)
 #   make test   -- create .venv if needed, install with test extras, run the tests
 PYTHON ?= python3
 VENV ?= .venv
